@@ -1,0 +1,58 @@
+import io
+import pickle
+
+import pytest
+import torch
+
+from dml_core.models.checkpoint import load_model, model_checkpoint, read_checkpoint, save_model
+from dml_core.models.head import EmbeddingModel, ProjectionHead
+from dml_core.models.registry import build_model
+from dml_core.models.small_cnn import SmallCNN
+
+
+class _NotATensor:
+    def __reduce__(self):
+        return (print, ("this would run on load",))
+
+
+@pytest.mark.parametrize("name,kwargs", [("small_cnn", {"widths": (4, 8)}), ("vit_tiny", {"depth": 1})])
+def test_save_and_load_round_trip(tmp_path, name, kwargs):
+    torch.manual_seed(0)
+    model = build_model(name, embedding_dim=8, head="linear", **kwargs)
+    with torch.no_grad():  # move BN running stats off their defaults so they must be restored too
+        model.train()(torch.randn(4, 1, 28, 28))
+    url = str(tmp_path / "ckpt" / "model.pt")
+    save_model(model, url)
+    loaded = load_model(url)
+    assert loaded.spec == model.spec
+    x = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(x), model.eval()(x), atol=0, rtol=0)
+    assert list((tmp_path / "ckpt").iterdir()) == [tmp_path / "ckpt" / "model.pt"]  # no temp file left
+
+
+def test_load_from_bytes_and_dict():
+    model = build_model("small_cnn", embedding_dim=4, widths=(4,)).eval()
+    buf = io.BytesIO()
+    torch.save(model_checkpoint(model), buf)
+    x = torch.randn(2, 1, 28, 28)
+    for source in (buf.getvalue(), model_checkpoint(model)):
+        torch.testing.assert_close(load_model(source).eval()(x), model(x))
+
+
+def test_loading_refuses_arbitrary_pickles(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"spec": {"name": "small_cnn"}, "state_dict": {}, "payload": _NotATensor()}, path)
+    with pytest.raises(pickle.UnpicklingError):
+        read_checkpoint(str(path))
+
+
+def test_bad_checkpoints_are_named(tmp_path):
+    with pytest.raises(ValueError, match="expected keys 'spec' and 'state_dict'"):
+        load_model({"weights": {}})
+    with pytest.raises(ValueError, match="no spec"):
+        model_checkpoint(EmbeddingModel(SmallCNN(widths=(4,)), ProjectionHead(4, 2)))
+    ckpt = model_checkpoint(build_model("small_cnn", widths=(4,)))
+    ckpt["spec"]["kwargs"]["widths"] = (4, 8)
+    with pytest.raises(RuntimeError, match="size mismatch|Missing key"):
+        load_model(ckpt)
