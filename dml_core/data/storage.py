@@ -99,7 +99,9 @@ def _gopen_fsspec(url, mode="rb", bufsize=8192, **kw):
 
 def register_webdataset_schemes(allow_pipe: bool = False) -> None:
     """Let WebDataset open `s3://` through fsspec; disable `pipe:` URLs unless explicitly allowed."""
-    from webdataset import gopen
+    import importlib
+
+    gopen = importlib.import_module("webdataset.gopen")  # `from webdataset import gopen` is the function
 
     gopen.gopen_schemes["s3"] = _gopen_fsspec
     if not allow_pipe:

