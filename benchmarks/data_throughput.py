@@ -1,0 +1,192 @@
+"""Data pipeline throughput: reading shards from local disk and from SeaweedFS S3 on loopback, the training
+and evaluation readers (decode included, real DataLoader worker processes), decode alone, and the
+on-device two-view augmentation.
+
+    python benchmarks/data_throughput.py [--per-class 600] [--workers 2]
+
+Writes benchmarks/results/data_throughput.json and .md. Figures are samples per second, one timed pass
+each after a warm-up pass (so the page cache is warm for local disk; S3 goes through HTTP every time).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from dml_core.data.augment import AugmentConfig, two_views  # noqa: E402
+from dml_core.data.decode import decode_sample  # noqa: E402
+from dml_core.data.eval_reader import EvalReader  # noqa: E402
+from dml_core.data.s3_server import SeaweedS3  # noqa: E402
+from dml_core.data.shard_stream import iter_samples, setup_storage, shard_urls  # noqa: E402
+from dml_core.data.sharding import shard_dataset  # noqa: E402
+from dml_core.data.sources import SyntheticSource, fashion_mnist  # noqa: E402
+from dml_core.data.sources.idx import FASHION_MNIST_DIR  # noqa: E402
+from dml_core.data.train_reader import TrainReader  # noqa: E402
+
+SPLITS = ("train", "eval", "gallery")
+
+
+def timed(fn):
+    fn()  # warm-up
+    load = os.getloadavg()[0]
+    t = time.perf_counter()
+    n, nbytes = fn()
+    dt = time.perf_counter() - t
+    return {"samples": n, "seconds": round(dt, 3), "samples_per_s": round(n / dt, 1),
+            "mb_per_s": round(nbytes / dt / 2**20, 2) if nbytes else None, "load_avg_1m_before": round(load, 2)}
+
+
+def raw_read(urls):
+    def run():
+        n = nbytes = 0
+        for s in iter_samples(urls):
+            n += 1
+            nbytes += sum(len(v) for k, v in s.items() if not k.startswith("__"))
+        return n, nbytes
+    return run
+
+
+def eval_read(root, name, version, workers, endpoint):
+    def run():
+        reader = EvalReader.from_manifest(root, name, version, list(SPLITS), rank=0, world_size=1, batch_size=256,
+                                          num_workers=workers, endpoint_url=endpoint)
+        return sum(len(b) for b in reader), 0
+    return run
+
+
+def train_read(root, name, version, workers, endpoint, steps, p, k):
+    def run():
+        reader = TrainReader.from_manifest(root, name, version, rank=0, world_size=1, steps=steps, p=p, k=k,
+                                           shuffle_buffer=500, num_workers=workers, endpoint_url=endpoint)
+        return sum(len(b) for b in reader), 0
+    return run
+
+
+def decode_only(raw):
+    def run():
+        for s in raw:
+            decode_sample(s)
+        return len(raw), 0
+    return run
+
+
+def augment_only(images, repeats=5):
+    cfg = AugmentConfig()
+
+    def run():
+        g = torch.Generator().manual_seed(0)
+        for _ in range(repeats):
+            two_views(images, cfg, g)
+        return repeats * len(images), 0
+    return run
+
+
+def make_datasets(root, per_class):
+    sources = {"synthetic-rgb64": SyntheticSource(num_classes=10, per_class=per_class, kind="images",
+                                                  image_size=(64, 64), noise=0.1)}
+    if os.path.exists(f"{FASHION_MNIST_DIR}/train-images-idx3-ubyte.gz"):
+        sources["fmnist-gray28"] = fashion_mnist(subsets=("train",), max_per_class=per_class)
+    out = {}
+    for name, src in sources.items():
+        m = shard_dataset(src, root, name, seed=0, max_shard_samples=500)
+        out[name] = {"version": m["version"], "count": sum(m["splits"][s]["count"] for s in SPLITS),
+                     "train_count": m["splits"]["train"]["count"],
+                     "shards": sum(len(m["splits"][s]["shards"]) for s in SPLITS)}
+    return out
+
+
+def bench_store(label, root, datasets, workers, endpoint):
+    results = {}
+    for name, info in datasets.items():
+        urls = [u for s in SPLITS for u in shard_urls(root, name, info["version"], s)]
+        r = {"raw_read_1proc": timed(raw_read(urls)),
+             f"eval_reader_decode_{workers}workers": timed(eval_read(root, name, info["version"], workers, endpoint)),
+             f"train_reader_pk4x8_{workers}workers": timed(train_read(root, name, info["version"], workers,
+                                                                      endpoint, steps=60, p=4, k=8))}
+        for key, v in r.items():
+            print(f"{label:6s} {name:16s} {key:32s} {v['samples_per_s']:>10.1f} samples/s", flush=True)
+        results[name] = r
+    return results
+
+
+def bench_compute(root, datasets):
+    out = {}
+    for name, info in datasets.items():
+        urls = shard_urls(root, name, info["version"], "train")
+        raw = list(iter_samples(urls))[:2000]
+        batch = torch.stack([decode_sample(s).image for s in raw[:256]])
+        out[name] = {"decode_1proc": timed(decode_only(raw)),
+                     f"two_views_augment_batch256_{tuple(batch.shape[1:])}": timed(augment_only(batch))}
+        for key, v in out[name].items():
+            print(f"cpu    {name:16s} {key:32s} {v['samples_per_s']:>10.1f} samples/s", flush=True)
+    return out
+
+
+def write_markdown(path, payload, command):
+    lines = ["# Data throughput", "", f"Command: `{command}`", "",
+             f"Machine: {payload['machine']['cpus']} CPUs ({payload['machine']['platform']}), torch threads "
+             f"{payload['machine']['torch_threads']}; load average (1 min) at start {payload['load_avg_start']}, "
+             f"at end {payload['load_avg_end']} (shared machine: other jobs were running).", "",
+             "| store | dataset | measurement | samples/s | MB/s | samples | load before |",
+             "|---|---|---|---:|---:|---:|---:|"]
+    for store in ("local", "s3"):
+        for name, r in payload.get(store, {}).items():
+            for key, v in r.items():
+                lines.append(f"| {store} | {name} | {key} | {v['samples_per_s']} | {v['mb_per_s'] or ''} | "
+                             f"{v['samples']} | {v['load_avg_1m_before']} |")
+    for name, r in payload["compute"].items():
+        for key, v in r.items():
+            lines.append(f"| cpu | {name} | {key} | {v['samples_per_s']} | | {v['samples']} | "
+                         f"{v['load_avg_1m_before']} |")
+    lines += ["", "two_views_augment counts input images per second (each gives two views), on CPU with one thread; "
+              "raw_read is one process reading tar members without decoding; the readers include PNG decoding "
+              "in real DataLoader worker processes and worker start-up.", "", "Datasets: " + ", ".join(f"{n} ({d['count']} samples, {d['shards']} shards)"
+                                          for n, d in payload["datasets"].items()), ""]
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--per-class", type=int, default=600, help="items per class in each benchmark dataset")
+    ap.add_argument("--workers", type=int, default=2, help="DataLoader workers for the readers")
+    ap.add_argument("--out", default="benchmarks/results/data_throughput")
+    ap.add_argument("--no-s3", action="store_true", help="skip the SeaweedFS measurements")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])])
+    payload = {"command": command, "load_avg_start": round(os.getloadavg()[0], 2),
+               "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch_threads": 1},
+               "settings": vars(args)}
+    with tempfile.TemporaryDirectory(prefix="dml-bench-") as tmp:
+        local_root = os.path.join(tmp, "local")
+        setup_storage()
+        payload["datasets"] = make_datasets(local_root, args.per_class)
+        payload["local"] = bench_store("local", local_root, payload["datasets"], args.workers, None)
+        payload["compute"] = bench_compute(local_root, payload["datasets"])
+        if not args.no_s3:
+            with SeaweedS3(bucket="bench", workdir=os.path.join(tmp, "seaweedfs")) as s3:
+                os.environ.update(s3.client_env())  # credentials for s3fs here and in loader workers
+                setup_storage(s3.endpoint_url)
+                s3_root = s3.url("bench")
+                make_datasets(s3_root, args.per_class)
+                payload["s3"] = bench_store("s3", s3_root, payload["datasets"], args.workers, s3.endpoint_url)
+    payload["load_avg_end"] = round(os.getloadavg()[0], 2)
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out + ".json", "w") as f:
+        json.dump(payload, f, indent=1)
+    write_markdown(args.out + ".md", payload, command)
+    print(f"wrote {args.out}.json and {args.out}.md")
+
+
+if __name__ == "__main__":
+    main()

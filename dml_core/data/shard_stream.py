@@ -1,0 +1,202 @@
+"""Pieces shared by the training and evaluation readers: shard URLs from a manifest, reading the raw
+samples of one shard with errors that name it, a seeded shuffle buffer, and the `Batch` they yield.
+"""
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator
+
+import torch
+
+from dml_core.data import storage
+from dml_core.data.decode import DecodedSample, SampleDecodeError, decode_sample
+from dml_core.data.manifest import dataset_url, read_manifest
+
+log = logging.getLogger(__name__)
+ON_ERROR = ("raise", "skip")
+
+
+class ShardReadError(RuntimeError):
+    """A shard that could not be read (missing, truncated, not a tar); the message starts with its URL.
+
+    Constructible from the message alone, so DataLoader workers re-raise it with its own type.
+    """
+
+    def __init__(self, message: str, url: str | None = None):
+        super().__init__(message)
+        self.url = url
+
+    @classmethod
+    def wrap(cls, url: str, cause: BaseException) -> "ShardReadError":
+        detail = cause.args[0] if cause.args and isinstance(cause.args[0], str) else cause
+        return cls(f"failed reading shard {url}: {type(cause).__name__}: {detail}", url)
+
+
+def split_shards(manifest: dict, root: str, splits: str | Iterable[str]) -> list[tuple[str, int]]:
+    """(URL, sample count) of every shard of `splits` (one name or several), in manifest order."""
+    base = dataset_url(root, manifest["name"], manifest["version"])
+    out = []
+    for split in [splits] if isinstance(splits, str) else list(splits):
+        if split not in manifest["splits"]:
+            raise KeyError(f"split {split!r} not in manifest of {base} (has {sorted(manifest['splits'])})")
+        out += [(storage.join(base, s["name"]), int(s["count"])) for s in manifest["splits"][split]["shards"]]
+    return out
+
+
+def shard_urls(root: str, name: str, version: str | None, splits: str | Iterable[str]) -> list[str]:
+    """Full URLs of the shards of `splits`; `version` None means the newest version."""
+    return [url for url, _ in split_shards(read_manifest(root, name, version), root, splits)]
+
+
+def iter_shard(url: str) -> Iterator[dict]:
+    """Raw samples of one shard (dicts of extension -> bytes with `__key__`, `__url__`); errors name it.
+
+    The stream is closed when the shard ends or the generator is closed, so no open S3 file outlives it
+    (and none is inherited by forked DataLoader workers)."""
+    import webdataset as wds
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
+    stream = None
+    try:
+        stream = wds.gopen(url)
+        files = tar_file_expander([{"url": url, "stream": stream}], handler=wds.reraise_exception)
+        yield from group_by_keys(files, handler=wds.reraise_exception)
+    except Exception as exn:  # any open/read/parse error: re-raise naming the shard
+        raise ShardReadError.wrap(url, exn) from exn
+    finally:
+        if stream is not None:
+            stream.close()
+
+
+@dataclass
+class ErrorLog:
+    """Errors skipped by `on_error="skip"`: counted and kept (URL + message), never silent."""
+
+    shards: list[str] = field(default_factory=list)
+    samples: list[str] = field(default_factory=list)
+
+    def extend(self, other: "ErrorLog") -> None:
+        self.shards += other.shards
+        self.samples += other.samples
+
+    def take(self) -> "ErrorLog":
+        out = ErrorLog(self.shards, self.samples)
+        self.shards, self.samples = [], []
+        return out
+
+
+def iter_samples(urls: Iterable[str], on_error: str = "raise", errors: ErrorLog | None = None,
+                 max_consecutive_failures: int = 50) -> Iterator[dict]:
+    """Raw samples of the shards in order. With `on_error="skip"` a bad shard is logged, counted in
+    `errors.shards` and the stream moves on; samples read from it before the error are kept."""
+    if on_error not in ON_ERROR:
+        raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+    failures = 0
+    for url in urls:
+        try:
+            for sample in iter_shard(url):
+                failures = 0
+                yield sample
+        except ShardReadError as exn:
+            if on_error == "raise":
+                raise
+            log.warning("skipping shard: %s", exn)
+            if errors is not None:
+                errors.shards.append(str(exn))
+            failures += 1
+            if failures >= max_consecutive_failures:
+                raise RuntimeError(f"{failures} shards in a row failed; last: {exn}") from exn
+
+
+def shuffled(items: Iterable, buffer_size: int, rng: random.Random) -> Iterator:
+    """Shuffle a stream through a buffer of `buffer_size` items (deterministic for a seeded `rng`)."""
+    if buffer_size <= 1:
+        yield from items
+        return
+    buf = []
+    for item in items:
+        if len(buf) < buffer_size:
+            buf.append(item)
+            continue
+        i = rng.randrange(len(buf))
+        buf[i], item = item, buf[i]
+        yield item
+    rng.shuffle(buf)
+    yield from buf
+
+
+@dataclass
+class Batch:
+    """What the readers yield. `images` is N x C x H x W (or N x D for `.npy` datasets)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor  # int64
+    ids: torch.Tensor  # int64, stable sample ids
+    errors: ErrorLog = field(default_factory=ErrorLog)  # errors skipped since the previous batch
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def to(self, device, non_blocking: bool = False) -> "Batch":
+        return Batch(self.images.to(device, non_blocking=non_blocking), self.labels.to(device),
+                     self.ids.to(device), self.errors)
+
+    def pin_memory(self) -> "Batch":
+        return Batch(self.images.pin_memory(), self.labels.pin_memory(), self.ids.pin_memory(), self.errors)
+
+
+def collate(decoded: list[DecodedSample], errors: ErrorLog | None = None) -> Batch:
+    shapes = {tuple(d.image.shape) for d in decoded}
+    if len(shapes) != 1:
+        raise SampleDecodeError(f"samples in one batch have different shapes {sorted(shapes)}; set image_size "
+                                f"(first ids: {[d.id for d in decoded[:5]]})")
+    return Batch(images=torch.stack([d.image for d in decoded]),
+                 labels=torch.tensor([d.label for d in decoded], dtype=torch.int64),
+                 ids=torch.tensor([d.id for d in decoded], dtype=torch.int64),
+                 errors=errors.take() if errors is not None else ErrorLog())
+
+
+def decoder(image_size: int | None, channels: int | None, on_error: str,
+            errors: ErrorLog) -> Callable[[dict], DecodedSample | None]:
+    """decode_sample with the reader's error policy: a bad sample raises, or is counted and skipped (None)."""
+    def run(sample: dict) -> DecodedSample | None:
+        try:
+            return decode_sample(sample, image_size=image_size, channels=channels)
+        except SampleDecodeError as exn:
+            if on_error == "raise":
+                raise
+            log.warning("skipping sample: %s", exn)
+            errors.samples.append(str(exn))
+            return None
+    return run
+
+
+def worker_init(endpoint_url: str | None = None) -> Callable[[int], None]:
+    """A DataLoader `worker_init_fn`: one thread, WebDataset's s3:// scheme (and the S3 endpoint, if given)."""
+    return _WorkerInit(endpoint_url)
+
+
+class _WorkerInit:
+    def __init__(self, endpoint_url: str | None):
+        self.endpoint_url = endpoint_url
+
+    def __call__(self, worker_id: int) -> None:
+        torch.set_num_threads(1)
+        setup_storage(self.endpoint_url)
+
+
+def setup_storage(endpoint_url: str | None = None) -> None:
+    """Make this process able to read shards: the S3 endpoint (if given) and WebDataset's s3:// scheme."""
+    if endpoint_url:
+        storage.configure(endpoint_url=endpoint_url)
+    else:
+        storage.register_webdataset_schemes()
+
+
+def merge_errors(batches: Iterable[Batch], into: ErrorLog) -> Iterator[Batch]:
+    """Pass batches through, collecting the errors each carries from its loader worker into `into`."""
+    for batch in batches:
+        into.extend(batch.errors)
+        yield batch

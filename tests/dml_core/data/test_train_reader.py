@@ -1,0 +1,109 @@
+from collections import Counter
+
+import pytest
+import torch
+
+from dml_core.data.augment import AugmentConfig, two_views
+from dml_core.data.shard_stream import ShardReadError, shard_urls
+from dml_core.data.train_reader import TrainReader, TrainStream, worker_steps
+from tests.dml_core.data._shards import image_pixels, truncate, write_dataset
+
+NAME, VERSION = "toy", "0123456789ab"
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    root = str(tmp_path)
+    samples = write_dataset(root, {"train": (range(0, 6), 8, 5), "eval": (range(6, 8), 2, 1)})
+    return root, samples
+
+
+def _reader(root, rank=0, world_size=1, steps=5, **kw):
+    kw = {"mode": "supervised", "p": 3, "k": 2, "shuffle_buffer": 16, "num_workers": 2, "seed": 3, **kw}
+    return TrainReader.from_manifest(root, NAME, VERSION, rank=rank, world_size=world_size, steps=steps, **kw)
+
+
+def _check_batch(batch, samples):
+    for img, label, sid in zip(batch.images, batch.labels, batch.ids):
+        s = samples[int(sid)]
+        assert b'"split": "train"' in s["json"] and int(label) == int(s["cls"])
+        torch.testing.assert_close(img[0], torch.from_numpy(image_pixels(int(sid))).float() / 255, rtol=0, atol=0)
+
+
+def test_every_rank_gets_the_same_number_of_pk_batches(dataset):
+    root, samples = dataset
+    per_rank = []
+    for rank in range(2):
+        reader = _reader(root, rank=rank, world_size=2, steps=7)
+        batches = list(reader)
+        assert len(batches) == len(reader) == 7
+        for b in batches:
+            counts = Counter(b.labels.tolist())
+            assert b.images.shape == (6, 1, 8, 8) and len(counts) == 3 and set(counts.values()) == {2}
+            assert len(set(b.ids.tolist())) == 6
+            _check_batch(b, samples)
+        per_rank.append([b.ids.tolist() for b in batches])
+    assert per_rank[0] != per_rank[1]  # ranks read different streams
+
+
+def test_worker_steps_sum_to_steps():
+    for steps in range(1, 12):
+        for workers in range(1, 5):
+            parts = [worker_steps(steps, w, workers) for w in range(workers)]
+            assert sum(parts) == steps and max(parts) - min(parts) <= 1
+
+
+def test_shards_split_disjointly_between_ranks_and_workers(dataset):
+    root, _ = dataset
+    urls = shard_urls(root, NAME, VERSION, "train")[:4]
+    parts = []
+    for rank in range(2):
+        stream = TrainStream(urls, rank=rank, world_size=2, steps=1, p=2, k=2)
+        parts += [stream.part_urls(w, 2) for w in range(2)]
+    assert sorted(u for p in parts for u in p) == sorted(urls) and all(len(p) == 1 for p in parts)
+    few = TrainStream(urls[:3], rank=1, world_size=2, steps=1, p=2, k=2)
+    assert few.part_urls(0, 2) == urls[:3]  # fewer shards than parts: every part resamples from all
+
+
+def test_deterministic_per_seed_and_epoch(dataset):
+    root, _ = dataset
+    ids = lambda reader, epoch: [b.ids.tolist() for b in reader.epoch(epoch)]  # noqa: E731
+    a, b = _reader(root), _reader(root)
+    assert ids(a, 0) == ids(b, 0)
+    assert ids(a, 0) != ids(a, 1)
+    assert ids(_reader(root, seed=4), 0) != ids(a, 0)
+
+
+def test_self_supervised_batches_feed_two_views(dataset):
+    root, samples = dataset
+    reader = _reader(root, mode="self_supervised", batch_size=10, steps=3, p=None, k=None)
+    batches = list(reader)
+    assert len(batches) == 3
+    for b in batches:
+        assert b.images.shape == (10, 1, 8, 8)
+        _check_batch(b, samples)
+    v1, v2 = two_views(batches[0].images, AugmentConfig(out_size=6), torch.Generator().manual_seed(0))
+    assert v1.shape == v2.shape == (10, 1, 6, 6) and not torch.equal(v1, v2)
+
+
+def test_corrupt_shard_raises_with_its_name_or_is_skipped_and_counted(dataset):
+    root, _ = dataset
+    urls = shard_urls(root, NAME, VERSION, "train")
+    truncate(urls[1], 0.3)
+    with pytest.raises(ShardReadError, match=f"failed reading shard {urls[1]}"):
+        list(_reader(root, steps=40, num_workers=0))
+    reader = _reader(root, steps=20, on_error="skip")
+    assert len(list(reader)) == 20
+    assert reader.errors.shards and all(urls[1] in e for e in reader.errors.shards)
+
+
+def test_bad_arguments(dataset):
+    root, _ = dataset
+    with pytest.raises(ValueError, match="needs p"):
+        _reader(root, p=None)
+    with pytest.raises(ValueError, match="rank 2 not in"):
+        _reader(root, rank=2, world_size=2)
+    with pytest.raises(ValueError, match="on_error"):
+        _reader(root, on_error="ignore")
+    with pytest.raises(ValueError, match="p=7 classes per batch, but split 'train' of toy has only 6"):
+        _reader(root, p=7)
