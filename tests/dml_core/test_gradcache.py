@@ -1,0 +1,186 @@
+"""Gradient cache (METHODS.md 1.4): same parameter gradient as the full batch, dropout included."""
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import dml_core.gradcache as gradcache_module
+from dml_core.distributed import is_distributed, local_slice
+from dml_core.gradcache import GradCache
+from dml_core.losses.base import EmbeddingLoss
+from dml_core.losses.tcm import TCM
+from tests.conftest import run_gloo
+
+
+class NaiveInfoNCE(EmbeddingLoss):
+    """Supervised InfoNCE written out in the test (METHODS 1.1), single process only."""
+
+    def forward(self, z, labels, ids=None):
+        zn = nn.functional.normalize(z, dim=1)
+        s = zn @ zn.T / 0.1
+        eye = torch.eye(len(z), dtype=torch.bool)
+        log_den = torch.logsumexp(s.masked_fill(eye, -torch.inf), dim=1)
+        pos = (labels[:, None] == labels[None, :]) & ~eye
+        rows = -((s - log_den[:, None]) * pos).sum(1) / pos.sum(1).clamp(min=1)
+        return rows[pos.any(1)].mean()
+
+
+def make_encoder(seed=0, dropout=0.2, dtype=torch.float64):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Dropout(dropout), nn.Linear(16, 4)).to(dtype)
+
+
+def make_batch(n=12, seed=1, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 6, generator=g, dtype=dtype), torch.arange(n) % 3
+
+
+def grads_of(module):
+    return [p.grad.clone() for p in module.parameters()]
+
+
+def reference_grads(encoder, x, labels, loss_fn, chunk_size, seed):
+    """Full-batch gradient, forwarding the same chunks in the same order from the same RNG start."""
+    torch.manual_seed(seed)
+    encoder.zero_grad()
+    z = torch.cat([encoder(c) for c in x.split(chunk_size)])
+    loss = loss_fn(z, labels)
+    loss.backward()
+    return float(loss.detach()), grads_of(encoder), torch.get_rng_state()
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, 5, 12])
+@pytest.mark.parametrize("loss_fn", [NaiveInfoNCE(), NaiveInfoNCE() + TCM(m_pos=0.5, m_neg=0.0)])
+def test_gradcache_equals_full_batch_gradient_with_dropout(chunk_size, loss_fn):
+    x, labels = make_batch()
+    enc_ref, enc = make_encoder(), make_encoder()
+    want_loss, want, rng_after = reference_grads(enc_ref, x, labels, loss_fn, chunk_size, seed=3)
+    torch.manual_seed(3)
+    got_loss = GradCache(enc, loss_fn, chunk_size).step(x, labels)
+    assert got_loss == pytest.approx(want_loss, rel=1e-12)
+    for g, w in zip(grads_of(enc), want):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+    # afterwards the RNG is where a plain forward pass would have left it
+    assert torch.equal(torch.get_rng_state(), rng_after)
+
+
+def test_without_rng_restoring_the_gradient_would_differ(monkeypatch):
+    """Proves the test above can fail: re-running chunks with fresh dropout masks changes the gradient."""
+    x, labels = make_batch()
+    _, want, _ = reference_grads(make_encoder(), x, labels, NaiveInfoNCE(), 4, seed=3)
+    monkeypatch.setattr(gradcache_module, "_rng_restored", lambda state: contextlib.nullcontext())
+    enc = make_encoder()
+    torch.manual_seed(3)
+    GradCache(enc, NaiveInfoNCE(), 4).step(x, labels)
+    assert max(float((g - w).abs().max()) for g, w in zip(grads_of(enc), want)) > 1e-3
+
+
+class DictEncoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.drop = nn.Linear(6, 4), nn.Linear(3, 4), nn.Dropout(0.3)
+
+    def forward(self, image, text):
+        return self.drop(self.a(image)) + self.b(text)
+
+
+def test_dict_inputs_are_split_and_passed_as_keywords():
+    g = torch.Generator().manual_seed(0)
+    inputs = {"image": torch.randn(10, 6, generator=g), "text": torch.randn(10, 3, generator=g)}
+    labels = torch.arange(10) % 2
+    torch.manual_seed(0)
+    ref, enc = DictEncoder(), DictEncoder()
+    enc.load_state_dict(ref.state_dict())
+    torch.manual_seed(4)
+    chunks = [{k: v[i:i + 3] for k, v in inputs.items()} for i in range(0, 10, 3)]
+    NaiveInfoNCE()(torch.cat([ref(**c) for c in chunks]), labels).backward()
+    torch.manual_seed(4)
+    GradCache(enc, NaiveInfoNCE(), 3).step(inputs, labels)
+    for g_got, g_want in zip(grads_of(enc), grads_of(ref)):
+        torch.testing.assert_close(g_got, g_want)
+
+
+def test_bf16_autocast_matches_the_same_autocast_full_batch():
+    x, labels = make_batch(dtype=torch.float32)
+    enc_ref, enc = make_encoder(dtype=torch.float32), make_encoder(dtype=torch.float32)
+    torch.manual_seed(2)
+    zs = []
+    for c in x.split(4):  # one autocast region per chunk, as GradCache does (its weight-cast cache is per region)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            zs.append(enc_ref(c))
+    z = torch.cat(zs)
+    assert z.dtype == torch.bfloat16
+    NaiveInfoNCE()(z.float(), labels).backward()
+    torch.manual_seed(2)
+    GradCache(enc, NaiveInfoNCE(), 4, autocast_dtype=torch.bfloat16).step(x, labels)
+    for g, w in zip(grads_of(enc), grads_of(enc_ref)):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-7)
+
+
+def test_ids_reach_the_loss():
+    class NeedsIds(EmbeddingLoss):
+        def forward(self, z, labels, ids=None):
+            self.seen_ids = ids
+            return (z.sum(1) * ids).sum()
+
+    loss = NeedsIds()
+    x, labels = make_batch(6)
+    GradCache(make_encoder(dropout=0.0), loss, 4).step(x, labels, torch.arange(6))
+    assert torch.equal(loss.seen_ids, torch.arange(6))
+
+
+@pytest.mark.parametrize("args, match", [
+    ((torch.randn(6, 6, dtype=torch.float64), torch.arange(5)), "labels must be 1-D with one entry per input row"),
+    ((torch.randn(6, 6, dtype=torch.float64), torch.arange(6), torch.arange(4)), "ids must be 1-D"),
+    (({"image": torch.randn(6, 6), "text": torch.randn(5, 3)}, torch.arange(6)), "same batch size"),
+])
+def test_bad_inputs_raise(args, match):
+    with pytest.raises(ValueError, match=match):
+        GradCache(make_encoder(), NaiveInfoNCE(), 4).step(*args)
+
+
+def test_bad_chunk_size_raises():
+    with pytest.raises(ValueError, match="chunk_size"):
+        GradCache(make_encoder(), NaiveInfoNCE(), 0)
+
+
+# ---------------------------------------------------------------- DDP ------------------------
+
+WORLD, LOCAL, CHUNK = 2, 6, 4
+
+
+def _ddp_gradcache(rank, world_size, init_state, x, labels):
+    enc = make_encoder()
+    enc.load_state_dict(init_state)
+    model = nn.parallel.DistributedDataParallel(enc) if is_distributed() else enc
+    part = local_slice(LOCAL)
+    torch.manual_seed(100 + rank)  # each rank has its own dropout stream
+    loss = GradCache(model, NaiveInfoNCE() + TCM(m_pos=0.5, m_neg=0.0), CHUNK).step(x[part], labels[part])
+    return loss, [p.grad.numpy().copy() for p in enc.parameters()]
+
+
+@pytest.mark.slow
+def test_ddp_gradcache_equals_single_process_global_batch():
+    x, labels = make_batch(WORLD * LOCAL)
+    enc = make_encoder()
+    init = {k: v.clone() for k, v in enc.state_dict().items()}
+    # reference: each rank's chunks from that rank's RNG start, one global loss (TCM on the global batch)
+    zs = []
+    for r in range(WORLD):
+        torch.manual_seed(100 + r)
+        zs += [enc(c) for c in x[r * LOCAL:(r + 1) * LOCAL].split(CHUNK)]
+    z = torch.cat(zs)
+    tcm = TCM(m_pos=0.5, m_neg=0.0)
+    # NaiveInfoNCE is single-process, so under DDP it sees the local rows only: mirror that here
+    loss = sum(NaiveInfoNCE()(z[r * LOCAL:(r + 1) * LOCAL], labels[r * LOCAL:(r + 1) * LOCAL])
+               for r in range(WORLD)) / WORLD + tcm(z, labels)
+    loss.backward()
+    results = run_gloo(_ddp_gradcache, WORLD, init, x, labels)
+    for _, got in results:
+        for g, p in zip(got, enc.parameters()):
+            np.testing.assert_allclose(g, p.grad.numpy(), rtol=1e-9, atol=1e-12)
+    assert sum(v for v, _ in results) / WORLD == pytest.approx(float(loss.detach()), rel=1e-9)
