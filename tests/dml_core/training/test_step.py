@@ -1,0 +1,52 @@
+"""One training step: the update equals a hand-written forward/backward/AdamW step; with GradCache too;
+a non-finite loss stops before the update."""
+import pytest
+import torch
+
+from dml_core.losses.info_nce import InfoNCE, info_nce_loss
+from dml_core.models.registry import build_model
+from dml_core.training.step import train_step
+
+
+def setup():
+    torch.manual_seed(0)
+    model = build_model("small_cnn", embedding_dim=8, image_size=8, norm="group")
+    return model, torch.optim.SGD(model.parameters(), lr=1e-2)
+
+
+def data():
+    g = torch.Generator().manual_seed(3)
+    return torch.rand(12, 1, 8, 8, generator=g), torch.arange(12) % 3
+
+
+@pytest.mark.parametrize("chunk", [None, 5])
+def test_step_matches_manual_update(chunk):
+    x, y = data()
+    ref, ref_opt = setup()
+    ref_opt.zero_grad()
+    info_nce_loss(ref(x), y, tau=0.1).backward()
+    ref_opt.step()
+
+    model, opt = setup()
+    loss, gc = InfoNCE(tau=0.1), None
+    if chunk:
+        from dml_core.gradcache import GradCache
+
+        gc = GradCache(model, loss, chunk)
+    stats = train_step(model, loss, x, y, None, opt, grad_cache=gc)
+    assert stats["lr"] == 1e-2 and stats["anchors_with_positive"] == 12.0
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_non_finite_loss_raises_before_update():
+    class Bad(InfoNCE):
+        def forward(self, z, labels, ids=None):
+            return super().forward(z, labels) * float("nan")
+
+    model, opt = setup()
+    before = [p.detach().clone() for p in model.parameters()]
+    x, y = data()
+    with pytest.raises(FloatingPointError, match="step 7"):
+        train_step(model, Bad(), x, y, None, opt, step=7)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
