@@ -1,0 +1,13 @@
+"""Contrastive losses (METHODS.md sections 1-3): each exact under DDP, composable with `+`."""
+from dml_core.losses.base import CombinedLoss, EmbeddingLoss
+from dml_core.losses.bct import BCT, class_prototypes
+from dml_core.losses.clip import ClipLoss, clip_loss
+from dml_core.losses.decomposable import DecomposableLoss, decomposable_loss
+from dml_core.losses.info_nce import InfoNCE, info_nce_loss
+from dml_core.losses.tcm import TCM, tcm_loss
+from dml_core.losses.tiled import tiled_info_nce_rows
+
+__all__ = [
+    "EmbeddingLoss", "CombinedLoss", "InfoNCE", "info_nce_loss", "tiled_info_nce_rows", "ClipLoss", "clip_loss",
+    "DecomposableLoss", "decomposable_loss", "TCM", "tcm_loss", "BCT", "class_prototypes",
+]
