@@ -1,0 +1,113 @@
+"""Compatibility between model versions (METHODS 6): cross-model matrix, criterion, update gain, flips.
+
+Inputs are embeddings of the same evaluation items by the old and the new model (and optionally by a
+reference model trained without the compatibility term):
+- leave-one-out (default): every item queries all other items; for M(q, g) the query is embedded by
+  model q and the other items by model g, the item itself is excluded;
+- query/gallery split: pass `old_gallery`, `new_gallery` (and `ref_gallery` with a ref model) and
+  `gallery_labels`; the `*_query` arrays then hold the queries.
+Negative flips and NFR/NFI count only queries with a relevant gallery item (those Recall@1 averages over).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from dml_core.metrics.retrieval import RetrievalResult, evaluate_retrieval
+
+METRICS = ("recall_at_1", "map_at_r")
+
+
+@dataclass
+class CrossModelScores:
+    """One metric under each (query model, gallery model) setting."""
+
+    metric: str
+    old_old: float
+    new_new: float
+    new_old: float
+    ref_ref: float | None  # None when no reference model was given (then new_new is the reference)
+    ref_model: str  # "ref" or "new": whose self-score the update gain divides by
+    criterion: bool  # M(new,old) > M(old,old)
+    update_gain: float | None  # None when M(ref,ref) == M(old,old) (the ratio is undefined)
+
+    @classmethod
+    def build(cls, metric, old_old, new_new, new_old, ref_ref=None):
+        ref_model, ref_score = ("ref", ref_ref) if ref_ref is not None else ("new", new_new)
+        den = ref_score - old_old
+        gain = (new_old - old_old) / den if den != 0 else None
+        return cls(metric, old_old, new_new, new_old, ref_ref, ref_model, new_old > old_old, gain)
+
+
+@dataclass
+class NegativeFlips:
+    """Queries right (top-1) under (old,old) and wrong under `setting`."""
+
+    setting: str  # "new_old" or "new_new"
+    flips: int
+    queries: int
+    wrong: int  # queries wrong under the setting
+    nfr: float  # flips / queries
+    nfi: float  # flips / wrong (0 when nothing is wrong)
+
+    @classmethod
+    def count(cls, setting: str, old_correct: np.ndarray, new_correct: np.ndarray, valid: np.ndarray):
+        flips = int((old_correct & ~new_correct & valid).sum())
+        queries = int(valid.sum())
+        wrong = int((~new_correct & valid).sum())
+        return cls(setting, flips, queries, wrong, flips / queries, flips / wrong if wrong else 0.0)
+
+
+@dataclass
+class CompatibilityResult:
+    mode: str
+    num_queries: int
+    scores: dict[str, CrossModelScores] = field(default_factory=dict)
+    flips: dict[str, NegativeFlips] = field(default_factory=dict)
+
+    @property
+    def ref_model(self) -> str:
+        return next(iter(self.scores.values())).ref_model
+
+    def to_dict(self) -> dict:
+        return {"mode": self.mode, "num_queries": self.num_queries, "ref_model": self.ref_model,
+                "scores": {k: asdict(v) for k, v in self.scores.items()},
+                "flips": {k: asdict(v) for k, v in self.flips.items()}}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CompatibilityResult":
+        return cls(mode=d["mode"], num_queries=int(d["num_queries"]),
+                   scores={k: CrossModelScores(**v) for k, v in d["scores"].items()},
+                   flips={k: NegativeFlips(**v) for k, v in d["flips"].items()})
+
+
+def evaluate_compatibility(old_query, new_query, query_labels, *, old_gallery=None, new_gallery=None,
+                           gallery_labels=None, ref_query=None, ref_gallery=None, backend: str = "auto",
+                           use_gpu: bool = False) -> CompatibilityResult:
+    """Cross-model Recall@1 and MAP@R, the BCT criterion, update gain and negative flips."""
+    split = old_gallery is not None or new_gallery is not None or gallery_labels is not None
+    if split and (old_gallery is None or new_gallery is None or gallery_labels is None):
+        raise ValueError("a query/gallery split needs old_gallery, new_gallery and gallery_labels together")
+    if split and ref_query is not None and ref_gallery is None:
+        raise ValueError("ref_query given with a query/gallery split but no ref_gallery")
+    kw = dict(backend=backend, use_gpu=use_gpu)
+
+    def run(q, g) -> RetrievalResult:
+        if split:
+            return evaluate_retrieval(q, query_labels, ks=(1,), gallery_z=g, gallery_labels=gallery_labels,
+                                      exclude_self=False, **kw)
+        return evaluate_retrieval(q, query_labels, ks=(1,), gallery_z=g, gallery_labels=query_labels,
+                                  exclude_self=True, **kw)
+
+    g_old = old_gallery if split else old_query
+    g_new = new_gallery if split else new_query
+    oo, nn, no = run(old_query, g_old), run(new_query, g_new), run(new_query, g_old)
+    rr = run(ref_query, ref_gallery if split else ref_query) if ref_query is not None else None
+    scores = {}
+    for metric in METRICS:
+        get = (lambda r: r.recall[1]) if metric == "recall_at_1" else (lambda r: r.map_at_r)
+        scores[metric] = CrossModelScores.build(metric, get(oo), get(nn), get(no), get(rr) if rr else None)
+    flips = {"new_old": NegativeFlips.count("new_old", oo.top1_correct, no.top1_correct, oo.valid),
+             "new_new": NegativeFlips.count("new_new", oo.top1_correct, nn.top1_correct, oo.valid)}
+    return CompatibilityResult(mode=oo.mode, num_queries=oo.num_queries, scores=scores, flips=flips)

@@ -1,0 +1,96 @@
+import numpy as np
+import pytest
+
+from dml_core.metrics import evaluate_compatibility, evaluate_retrieval
+from tests.dml_core.metrics.helpers import clustered
+
+
+def top1_correct(q, g, yq, yg, exclude_self):
+    """Brute force: label of the most similar gallery item equals the query's."""
+    q = q / np.linalg.norm(q, axis=1, keepdims=True)
+    g = g / np.linalg.norm(g, axis=1, keepdims=True)
+    s = q @ g.T
+    if exclude_self:
+        np.fill_diagonal(s, -np.inf)
+    return yg[np.argmax(s, axis=1)] == yq
+
+
+def models(seed=0):
+    """old: noisy clusters; new: the same space with less noise, partly re-drawn (an improved, compatible
+    model that still flips a few queries); rand: an unrelated random model."""
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(30), 12)
+    centres = rng.normal(size=(30, 16))
+    noise = rng.normal(size=(len(labels), 16))
+    old = centres[labels] + 0.9 * noise
+    new = centres[labels] + 0.45 * noise + 0.3 * rng.normal(size=noise.shape)
+    rand = rng.normal(size=old.shape)
+    return old, new, rand, labels
+
+
+def test_model_against_itself():
+    old, _, _, y = models()
+    res = evaluate_compatibility(old, old.copy(), y)
+    for s in res.scores.values():
+        assert s.new_old == s.old_old == s.new_new
+        assert s.criterion is False  # not strictly better
+        assert s.update_gain is None  # 0 / 0
+    assert res.flips["new_old"].nfr == 0.0 and res.flips["new_old"].flips == 0
+    assert res.flips["new_new"].nfr == 0.0
+
+
+def test_improved_model_matches_brute_force_and_passes_criterion():
+    old, new, _, y = models()
+    res = evaluate_compatibility(old, new, y)
+    assert res.mode == "cross_leave_one_out" and res.ref_model == "new" and res.num_queries == len(y)
+    r = res.scores["recall_at_1"]
+    c_oo, c_nn, c_no = (top1_correct(a, b, y, y, True) for a, b in ((old, old), (new, new), (new, old)))
+    assert r.old_old == pytest.approx(c_oo.mean()) and r.new_new == pytest.approx(c_nn.mean())
+    assert r.new_old == pytest.approx(c_no.mean())
+    assert r.criterion and r.update_gain == pytest.approx((c_no.mean() - c_oo.mean()) / (c_nn.mean() - c_oo.mean()))
+    m = res.scores["map_at_r"]
+    assert m.new_old == pytest.approx(evaluate_retrieval(new, y, gallery_z=old, gallery_labels=y, exclude_self=True).map_at_r)
+    flips = int((c_oo & ~c_no).sum())
+    f = res.flips["new_old"]
+    assert f.flips == flips and f.nfr == pytest.approx(flips / len(y))
+    assert f.nfi == pytest.approx(flips / (~c_no).sum())
+    assert res.flips["new_new"].flips == int((c_oo & ~c_nn).sum())
+
+
+def test_random_new_model_fails_the_criterion():
+    old, _, rand, y = models()
+    res = evaluate_compatibility(old, rand, y)
+    for s in res.scores.values():
+        assert s.criterion is False and s.new_old < s.old_old
+    assert res.flips["new_old"].nfr > 0.3
+
+
+def test_reference_model_is_used_for_the_gain():
+    old, new, _, y = models()
+    ref = new + 0.1 * np.random.default_rng(5).normal(size=new.shape)
+    res = evaluate_compatibility(old, new, y, ref_query=ref)
+    s = res.scores["map_at_r"]
+    assert res.ref_model == "ref" and s.ref_model == "ref"
+    ref_map = evaluate_retrieval(ref, y).map_at_r
+    assert s.ref_ref == pytest.approx(ref_map)
+    assert s.update_gain == pytest.approx((s.new_old - s.old_old) / (ref_map - s.old_old))
+
+
+def test_query_gallery_split():
+    old, new, _, y = models(1)
+    q, g = np.arange(len(y)) % 4 == 0, np.arange(len(y)) % 4 != 0
+    res = evaluate_compatibility(old[q], new[q], y[q], old_gallery=old[g], new_gallery=new[g], gallery_labels=y[g])
+    assert res.mode == "query_gallery" and res.num_queries == q.sum()
+    c_oo = top1_correct(old[q], old[g], y[q], y[g], False)
+    c_no = top1_correct(new[q], old[g], y[q], y[g], False)
+    assert res.scores["recall_at_1"].new_old == pytest.approx(c_no.mean())
+    assert res.flips["new_old"].flips == int((c_oo & ~c_no).sum())
+    with pytest.raises(ValueError, match="needs old_gallery, new_gallery and gallery_labels together"):
+        evaluate_compatibility(old[q], new[q], y[q], old_gallery=old[g])
+
+
+def test_roundtrip():
+    old, new, _, y = models()
+    res = evaluate_compatibility(old, new, y)
+    back = type(res).from_dict(res.to_dict())
+    assert back.to_dict() == res.to_dict()
