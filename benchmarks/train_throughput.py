@@ -1,7 +1,7 @@
 """Training throughput (samples/s, global) of Ray Train with 1 and 2 workers against a plain
 single-process PyTorch loop, on the same model, loss and Fashion-MNIST shards, in one run.
 
-    python benchmarks/train_throughput.py --steps 60 --batch-size 64
+    python benchmarks/train_throughput.py --steps 60 --batch-size 64 --k 16
 
 Writes benchmarks/results/train_throughput.json and .md. Samples/s is the median over the steps after
 `--warmup` of (global batch / time between consecutive step ends), data loading included.
@@ -87,7 +87,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--batch-size", type=int, default=64, help="per worker")
-    ap.add_argument("--k", type=int, default=8)
+    ap.add_argument("--k", type=int, default=16, help="items per class (Fashion-MNIST has 5 training classes: p = batch / k <= 5)")
     ap.add_argument("--backbone", default="small_cnn")
     ap.add_argument("--widths", type=int, nargs="+", default=[16, 32, 64])
     ap.add_argument("--loss", default="info_nce")
@@ -95,6 +95,7 @@ def main() -> None:
     ap.add_argument("--per-class", type=int, default=300, help="Fashion-MNIST images per class to shard")
     args = ap.parse_args()
 
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="dml-bench-") as root:
         data = shard(root, args.per_class)
         results = {}
@@ -110,13 +111,17 @@ def main() -> None:
     meta = {"command": "python " + " ".join(sys.argv), "steps": args.steps, "warmup": args.warmup,
             "batch_size_per_worker": args.batch_size, "backbone": args.backbone, "widths": args.widths,
             "loss": args.loss, "cpus_per_worker": args.cpus_per_worker, "cpu_count": os.cpu_count(),
-            "torch": torch.__version__, "platform": platform.platform()}
+            "torch": torch.__version__, "platform": platform.platform(),
+            "loadavg_1_5_15_before": [round(x, 2) for x in load_before],
+            "loadavg_1_5_15_after": [round(x, 2) for x in os.getloadavg()]}
     os.makedirs(RESULTS, exist_ok=True)
     with open(os.path.join(RESULTS, "train_throughput.json"), "w") as f:
         json.dump({"meta": meta, "results": results}, f, indent=1)
     lines = ["# Training throughput", "", f"Command: `{meta['command']}`", "",
              f"{meta['cpu_count']} CPUs, torch {meta['torch']}, {args.backbone} {args.widths}, {args.loss}, "
              f"{args.batch_size} images per worker per step, median over steps {args.warmup + 1}..{args.steps}.", "",
+             f"Machine load (1/5/15-min load average) before: {meta['loadavg_1_5_15_before']}, after: "
+             f"{meta['loadavg_1_5_15_after']} (a shared machine; the runs themselves add up to 2).", "",
              "| setup | workers | global batch | samples/s |", "|---|---|---|---|"]
     for label, r in results.items():
         lines.append(f"| {label} | {r['workers']} | {r['global_batch']} | {r['samples_per_s']:.0f} |")

@@ -23,9 +23,12 @@ class PKBatcher:
 
     def __init__(self, p: int, k: int, buffer_size: int | None = None, seed: int = 0,
                  label_fn: Callable[[Any], int] = decode_label, min_per_class: int = 2,
-                 key_fn: Callable[[Any], Hashable] | None = None, max_stall: int | None = None):
+                 key_fn: Callable[[Any], Hashable] | None = None, max_stall: int | None = None,
+                 num_classes: int | None = None):
         if p < 1 or k < 2:
             raise ValueError(f"P x K batches need p >= 1 and k >= 2 (positives), got p={p}, k={k}")
+        if num_classes is not None and p > num_classes:
+            raise ValueError(f"p={p} classes per batch, but the split has only {num_classes} classes")
         if not 2 <= min_per_class <= k:
             raise ValueError(f"min_per_class must be in [2, k={k}], got {min_per_class}")
         self.p, self.k, self.min_per_class = p, k, min_per_class
@@ -34,7 +37,8 @@ class PKBatcher:
             raise ValueError(f"buffer_size {self.buffer_size} < p*k = {p * k}")
         self.rng = random.Random(seed)
         self.label_fn, self.key_fn = label_fn, key_fn
-        # items dropped in a row with no batch before giving up (an endless stream would otherwise hang)
+        # items dropped or refused as duplicates in a row with no batch before giving up (an endless
+        # stream would otherwise hang, e.g. a small split resampled forever: every item is a duplicate)
         self.max_stall = max_stall if max_stall is not None else 50 * self.buffer_size
         self._stall = 0
         self.stats = {"batches": 0, "relaxed_batches": 0, "dropped": 0, "leftover": 0, "duplicates": 0}
@@ -43,11 +47,13 @@ class PKBatcher:
         self._ready: set[int] = set()  # classes with >= k items
         self._small: dict[int, None] = {}  # classes with < min_per_class items, oldest first
         self._size = 0
+        self._labels_seen: set[int] = set()
 
     def __call__(self, items: Iterable) -> Iterator[list]:
         for item in items:
-            self._add(item)
-            if len(self._ready) >= self.p:
+            if not self._add(item):
+                self._stalled()
+            elif len(self._ready) >= self.p:
                 self._stall = 0
                 yield self._take_full()
             elif self._size > self.buffer_size:
@@ -57,30 +63,37 @@ class PKBatcher:
                     yield batch
                 else:
                     self._drop_oldest()
-                    self._stall += 1
-                    if self._stall > self.max_stall:
-                        raise RuntimeError(
-                            f"no {self.p} x {self.k} batch could be formed from the last {self._stall} items "
-                            f"({len(self._by_class)} classes in a buffer of {self.buffer_size}); the stream "
-                            f"has too few classes or too few items per class for p={self.p}, k={self.k}")
+                    self._stalled()
         while len(self._ready) >= self.p:
             yield self._take_full()
         while (batch := self._take_relaxed()) is not None:
             yield batch
         self.stats["leftover"] += self._size
 
-    def _add(self, item) -> None:
+    def _stalled(self) -> None:
+        self._stall += 1
+        if self._stall > self.max_stall:
+            raise RuntimeError(
+                f"no {self.p} x {self.k} batch could be formed from the last {self._stall} items "
+                f"({len(self._labels_seen)} distinct classes seen so far, {len(self._by_class)} in a buffer of "
+                f"{self.buffer_size}); the stream has too few classes or too few items per class for "
+                f"p={self.p}, k={self.k}")
+
+    def _add(self, item) -> bool:
+        """Buffer `item`; False if it was refused as a duplicate."""
         if self.key_fn is not None:
             key = self.key_fn(item)
             if key in self._keys:  # e.g. a resampled shard read twice: drop the second copy
                 self.stats["duplicates"] += 1
-                return
+                return False
             self._keys.add(key)
         label = int(self.label_fn(item))
+        self._labels_seen.add(label)
         q = self._by_class.setdefault(label, deque())
         q.append(item)
         self._size += 1
         self._update(label)
+        return True
 
     def _update(self, label: int) -> None:
         n = len(self._by_class.get(label, ()))

@@ -26,12 +26,12 @@ def small_config(root: str, shards: dict, name: str, steps: int, **over) -> "Con
     return config_from_dict(raw)
 
 
-def embed_split(model, shards: dict, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+def embed_split(model, shards: dict, split: str, image_size: int = 28) -> tuple[torch.Tensor, torch.Tensor]:
     from dml_core.data.eval_reader import EvalReader
     from dml_core.training.embed import embed_batches
 
     reader = EvalReader.from_manifest(shards["root"], shards["name"], shards["version"], split, rank=0,
-                                      world_size=1, batch_size=256, num_workers=0, image_size=28, channels=1)
+                                      world_size=1, batch_size=256, num_workers=0, image_size=image_size, channels=1)
     z, labels, _ = embed_batches(model, reader)
     return z, labels
 

@@ -88,3 +88,27 @@ def test_duplicate_keys_never_share_a_batch():
     assert batches and pk.stats["duplicates"] > 0
     for b in batches:
         assert len(b) == len(set(b)) == 4
+
+
+def test_p_above_the_number_of_classes_is_refused_at_construction():
+    with pytest.raises(ValueError, match="p=5 classes per batch, but the split has only 4 classes"):
+        PKBatcher(p=5, k=2, num_classes=4)
+    PKBatcher(p=4, k=2, num_classes=4)  # exactly enough classes is fine
+
+
+def test_small_split_resampled_forever_with_too_few_classes_raises_instead_of_hanging():
+    # The whole split (3 classes x 4 items) fits in the buffer, so every later item is a duplicate and
+    # nothing is ever dropped: before the fix this looped forever without yielding.
+    split = [(c, i) for c in range(3) for i in range(4)]
+    endless = (split[i % len(split)] for i in itertools.count())
+    pk = PKBatcher(p=4, k=2, buffer_size=64, label_fn=_label, key_fn=lambda x: x, max_stall=1000)
+    with pytest.raises(RuntimeError, match=r"no 4 x 2 batch.*3 distinct classes seen"):
+        next(iter(pk(endless)))
+    assert pk.stats["duplicates"] > 1000 - len(split)
+
+
+def test_duplicates_do_not_stop_a_stream_that_makes_batches():
+    split = [(c, i) for c in range(6) for i in range(4)]
+    stream = (split[random.Random(i).randrange(len(split))] for i in range(5000))
+    pk = PKBatcher(p=2, k=2, buffer_size=8, label_fn=_label, key_fn=lambda x: x, max_stall=50)
+    assert sum(1 for _ in pk(stream)) > 100 and pk.stats["duplicates"] > 0
