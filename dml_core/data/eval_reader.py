@@ -16,7 +16,8 @@ from typing import Iterable, Iterator
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dml_core.data.manifest import read_manifest
-from dml_core.data.shard_stream import (ON_ERROR, Batch, ErrorLog, collate, decoder, iter_samples, merge_errors,
+from dml_core.data.shard_stream import (Batch, ErrorLog, check_on_error, check_rank, collate, decoder,
+                                        iter_samples, merge_errors,
                                         setup_storage, split_shards, worker_init)
 
 SPLIT_BY = ("auto", "shard", "sample")
@@ -37,12 +38,10 @@ class EvalStream(IterableDataset):
                  num_workers: int, image_size: int | None = None, channels: int | None = None,
                  on_error: str = "raise", split_by: str = "auto"):
         self.urls = list(urls)
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} not in [0, world_size={world_size})")
+        check_rank(rank, world_size)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if on_error not in ON_ERROR:
-            raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+        check_on_error(on_error)
         self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
         self.num_workers = max(1, num_workers)  # the loader's worker count (0 = main process = 1 part)
         self.image_size, self.channels, self.on_error = image_size, channels, on_error

@@ -34,6 +34,16 @@ class ShardReadError(RuntimeError):
         return cls(f"failed reading shard {url}: {type(cause).__name__}: {detail}", url)
 
 
+def check_on_error(on_error: str) -> None:
+    if on_error not in ON_ERROR:
+        raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+
+
+def check_rank(rank: int, world_size: int) -> None:
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} not in [0, world_size={world_size})")
+
+
 def split_shards(manifest: dict, root: str, splits: str | Iterable[str]) -> list[tuple[str, int]]:
     """(URL, sample count) of every shard of `splits` (one name or several), in manifest order."""
     base = dataset_url(root, manifest["name"], manifest["version"])
@@ -91,8 +101,7 @@ def iter_samples(urls: Iterable[str], on_error: str = "raise", errors: ErrorLog 
                  max_consecutive_failures: int = 50) -> Iterator[dict]:
     """Raw samples of the shards in order. With `on_error="skip"` a bad shard is logged, counted in
     `errors.shards` and the stream moves on; samples read from it before the error are kept."""
-    if on_error not in ON_ERROR:
-        raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+    check_on_error(on_error)
     failures = 0
     for url in urls:
         try:

@@ -17,7 +17,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from dml_core.data.decode import SampleDecodeError, check_extensions, decode_label
 from dml_core.data.manifest import read_manifest
 from dml_core.data.pk_batches import PKBatcher
-from dml_core.data.shard_stream import (ON_ERROR, Batch, ErrorLog, collate, decoder, iter_samples, merge_errors,
+from dml_core.data.shard_stream import (Batch, ErrorLog, check_on_error, check_rank, collate, decoder,
+                                        iter_samples, merge_errors,
                                         setup_storage, shuffled, split_shards, worker_init)
 
 MODES = ("supervised", "self_supervised")
@@ -53,8 +54,7 @@ class TrainStream(IterableDataset):
         self.urls = list(urls)
         if not self.urls:
             raise ValueError("no training shards")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} not in [0, world_size={world_size})")
+        check_rank(rank, world_size)
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
         if mode not in MODES:
@@ -63,8 +63,7 @@ class TrainStream(IterableDataset):
             raise ValueError("supervised mode needs p (classes per batch) and k (items per class)")
         if mode == "self_supervised" and (batch_size is None or batch_size < 1):
             raise ValueError("self_supervised mode needs batch_size >= 1")
-        if on_error not in ON_ERROR:
-            raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+        check_on_error(on_error)
         self.rank, self.world_size, self.steps, self.mode = rank, world_size, steps, mode
         self.p, self.k, self.batch_size = p, k, batch_size
         self.shuffle_buffer, self.pk_buffer = shuffle_buffer, pk_buffer
