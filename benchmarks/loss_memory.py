@@ -1,12 +1,16 @@
 """Memory and speed of dense (B x B) vs tiled InfoNCE, forward + backward (METHODS.md 1.3).
 
+Methods: `dense` (plain autograd over the B x B logits), `tiled` (what `InfoNCE` runs above its threshold:
+the scalar tiled loss that makes its gradients during forward) and `tiled_rows` (the per-row tiled
+function whose backward recomputes each tile's logits).
+
 Each case runs in a fresh subprocess so that its peak memory is its own:
 - CPU: peak resident set size (VmHWM, reset through /proc/self/clear_refs just before the step; a 1 ms
   RSS sampling thread where that is unavailable) minus the RSS after the inputs were made;
 - CUDA: torch.cuda.max_memory_allocated minus the memory allocated after the inputs were made.
 
-FLOP counts: "useful" = 6 B^2 D (forward logits 2 B^2 D, backward dq and dk 4 B^2 D). The dense path
-executes exactly that; the tiled path executes 8 B^2 D since backward recomputes every tile's logits.
+FLOP counts: "useful" = 6 B^2 D (forward logits 2 B^2 D, backward dq and dk 4 B^2 D). `dense` and `tiled`
+execute exactly that; `tiled_rows` executes 8 B^2 D since its backward recomputes every tile's logits.
 Rates are compared with plain torch.mm on the same device and dtype, measured in the same run.
 
     python benchmarks/loss_memory.py                      # CPU, all sizes
@@ -104,6 +108,20 @@ def mm_rates(device: str, dim: int, tile: int, keys: int) -> dict:
             "tile_shape": [tile, dim, keys], "tile_flops_per_s": mm_rate(device, tile, dim, keys)}
 
 
+def _rows_loss(tile: int):
+    """The InfoNCE mean through `tiled_info_nce_rows` (recomputing backward), for comparison."""
+    import torch.nn.functional as F
+
+    from dml_core.losses.tiled import tiled_info_nce_rows
+
+    def loss(z, labels):
+        q = F.normalize(z, dim=1)
+        return tiled_info_nce_rows(q, q, labels, labels, 0, 0.1, tile).sum() / z.shape[0]
+
+    loss.stats = {"tiled": 1.0}
+    return loss
+
+
 def run_case(method: str, batch: int, dim: int, tile: int, device: str, repeats: int) -> dict:
     """One forward + backward of InfoNCE on a (batch, dim) leaf; the first repetition gives the memory."""
     import torch
@@ -113,6 +131,8 @@ def run_case(method: str, batch: int, dim: int, tile: int, device: str, repeats:
 
     torch.manual_seed(0)
     loss_fn = InfoNCE(tau=0.1, tile_size=tile, tiled_above=0 if method == "tiled" else 2**62)
+    if method == "tiled_rows":
+        loss_fn = _rows_loss(tile)
     warm = torch.randn(256, dim, device=device, requires_grad=True)
     loss_fn(warm, torch.arange(256, device=device) // 2).backward()  # load kernels outside the timing
     z = torch.randn(batch, dim, device=device, requires_grad=True)
@@ -191,10 +211,11 @@ def main_driver(ns) -> None:
           f"{mm['tile_flops_per_s'] / 1e9:.1f} GFLOP/s tile-shaped", flush=True)
     dense_bytes_per_pair, cases = DENSE_BYTES_PER_PAIR_GUESS, []
     for batch in sizes:
-        for method in ("dense", "tiled"):
-            case = {"method": method, "batch": batch, "dim": ns.dim, "tile_size": ns.tile_size if method == "tiled" else None,
+        for method in ns.methods.split(","):
+            case = {"method": method, "batch": batch, "dim": ns.dim,
+                    "tile_size": None if method == "dense" else ns.tile_size,
                     "useful_flops": 6 * batch**2 * ns.dim,
-                    "executed_flops": (8 if method == "tiled" else 6) * batch**2 * ns.dim}
+                    "executed_flops": (8 if method == "tiled_rows" else 6) * batch**2 * ns.dim}
             if method == "dense":
                 need = dense_bytes_per_pair * batch**2
                 case["estimated_bytes"] = int(need)
@@ -232,9 +253,9 @@ def main_driver(ns) -> None:
         "python": platform.python_version(), "dtype": "float32", "tau": 0.1,
         "labels": "pair ids (two views per item)", "threads": mm.get("threads"),
         "loadavg_start": load_start, "loadavg_end": os.getloadavg(), "mm": mm,
-        "flop_counts": "useful = 6*B^2*D (fwd 2, bwd 4); executed = useful for dense, 8*B^2*D for tiled "
-                       "(backward recomputes the logits); fractions are against the square torch.mm rate "
-                       "measured in each case's process just before and after its timed steps (mean)",
+        "flop_counts": "useful = 6*B^2*D (fwd 2, bwd 4); executed = useful for dense and tiled, 8*B^2*D for "
+                       "tiled_rows (backward recomputes the logits); fractions are against the square torch.mm "
+                       "rate measured in each case's process just before and after its timed steps (mean)",
         "targets": {"tiled_extra_gib_at_131072": 2.0, "useful_fraction_of_mm": 0.5},
         "cases": cases,
     }
@@ -248,7 +269,7 @@ def main_driver(ns) -> None:
 def markdown(r: dict) -> str:
     mm = r["mm"]
     lines = [
-        "# InfoNCE forward + backward: dense (B x B) vs tiled",
+        "# InfoNCE forward + backward: dense (B x B) vs tiled (gradients in forward) vs tiled rows (recomputing backward)",
         "",
         f"Command: `{r['command']}`",
         "",
@@ -282,6 +303,7 @@ def markdown(r: dict) -> str:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="4096,16384,65536,131072", help="comma-separated global batch sizes")
+    p.add_argument("--methods", default="dense,tiled,tiled_rows", help="comma-separated: dense, tiled, tiled_rows")
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--tile-size", type=int, default=1024)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])

@@ -25,7 +25,7 @@ from dml_core.data import storage
 from dml_core.data.shard_stream import setup_storage
 from dml_core.training.build import build_loss, build_model_from_config, build_optimizer, build_schedule
 from dml_core.training.metrics_log import MetricsLog
-from dml_core.training.state import load_state, restore_state, save_state
+from dml_core.training.state import load_state, newest_checkpoint, restore_state, save_state
 from dml_core.training.step import train_step
 from tasks import ray_runtime
 from tasks.train_checks import DataInfo, preflight, run_dir
@@ -113,6 +113,24 @@ def _checkpoint(step: int, model, optimizer, scheduler, loss, cfg_dict: dict, me
         ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_{step:08d}")
 
 
+def _resume_state(run: str, rank: int, world: int) -> dict | None:
+    """The state of the run's newest complete checkpoint on storage, or None for a fresh start.
+
+    Read from storage rather than `ray.train.get_checkpoint()`: a worker killed right after a report can
+    keep Ray's controller from registering that checkpoint, although it was fully written. Rank 0 picks
+    the directory and every rank loads that one.
+    """
+    found = newest_checkpoint(storage.join(run, CHECKPOINTS)) if rank == 0 else None
+    url = found[0] if found else None
+    if world > 1 and dist.is_initialized():
+        box = [url]
+        dist.broadcast_object_list(box, src=0)
+        url = box[0]
+    if url is None:
+        return None
+    return found[1] if found else load_state(url)
+
+
 def train_loop_per_worker(loop_config: dict) -> dict:
     """Ray Train entry point: build everything, resume if a checkpoint exists, train, checkpoint."""
     cfg = config_from_dict(loop_config["config"])
@@ -128,10 +146,9 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     loss = build_loss(cfg, info.num_samples, _bct_weights(cfg, info, rank, world, device)).to(device)
     optimizer, start = build_optimizer(cfg, model), 0
     scheduler = build_schedule(cfg, optimizer)
-    resumed = ray.train.get_checkpoint()
+    resumed = _resume_state(loop_config["run_dir"], rank, world)
     if resumed is not None:
-        with resumed.as_directory() as d:
-            start = restore_state(load_state(d), model, optimizer, scheduler, loss)
+        start = restore_state(resumed, model, optimizer, scheduler, loss)
     model = ray.train.torch.prepare_model(model) if world > 1 else model
     grad_cache = None
     if cfg.train.grad_cache_chunk:

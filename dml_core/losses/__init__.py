@@ -5,9 +5,10 @@ from dml_core.losses.clip import ClipLoss, clip_loss
 from dml_core.losses.decomposable import DecomposableLoss, decomposable_loss
 from dml_core.losses.info_nce import InfoNCE, info_nce_loss
 from dml_core.losses.tcm import TCM, tcm_loss
-from dml_core.losses.tiled import tiled_info_nce_rows
+from dml_core.losses.tiled import tiled_info_nce_rows, tiled_info_nce_sum
 
 __all__ = [
-    "EmbeddingLoss", "CombinedLoss", "InfoNCE", "info_nce_loss", "tiled_info_nce_rows", "ClipLoss", "clip_loss",
+    "EmbeddingLoss", "CombinedLoss", "InfoNCE", "info_nce_loss", "tiled_info_nce_rows", "tiled_info_nce_sum",
+    "ClipLoss", "clip_loss",
     "DecomposableLoss", "decomposable_loss", "TCM", "tcm_loss", "BCT", "class_prototypes",
 ]

@@ -13,7 +13,7 @@ import torch
 from dml_core.checks import check_embeddings, l2_normalize
 from dml_core.distributed import ddp_scale, gather_no_grad, gather_with_grad, local_slice
 from dml_core.losses.base import EmbeddingLoss
-from dml_core.losses.tiled import compute_dtype, positive_counts, tiled_info_nce_rows
+from dml_core.losses.tiled import compute_dtype, positive_counts, tiled_info_nce_sum
 
 
 def dense_info_nce_rows(q, k, labels_q, labels_k, offset: int = 0, tau: float = 0.1) -> torch.Tensor:
@@ -81,21 +81,21 @@ class InfoNCE(EmbeddingLoss):
         k = gather_with_grad(q)
         labels_k = gather_no_grad(labels)
         offset = local_slice(q.shape[0]).start
-        tiled = k.shape[0] > self.tiled_above
-        if tiled:
-            rows = tiled_info_nce_rows(q, k, labels, labels_k, offset, self.tau, self.tile_size)
-        else:
-            rows = dense_info_nce_rows(q, k, labels, labels_k, offset, self.tau)
         # Every rank sees the same gathered labels, so they agree on n_valid without communicating.
         valid_global = positive_counts(labels_k, labels_k)[2] > 0
         n_valid = int(valid_global.sum())
         if n_valid == 0:
             raise _no_positive_error(k.shape[0])
         n_local = int(valid_global[offset: offset + q.shape[0]].sum())
+        tiled = k.shape[0] > self.tiled_above
+        if tiled:
+            loss = tiled_info_nce_sum(q, k, labels, labels_k, offset, self.tau, self.tile_size, ddp_scale(n_valid))
+        else:
+            loss = dense_info_nce_rows(q, k, labels, labels_k, offset, self.tau).sum() * ddp_scale(n_valid)
         self.stats = {
             "anchors_with_positive": float(n_valid),
             "anchors_with_positive_local": float(n_local),
             "global_batch": float(k.shape[0]),
             "tiled": float(tiled),
         }
-        return rows.sum() * ddp_scale(n_valid)
+        return loss

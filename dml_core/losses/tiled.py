@@ -1,13 +1,17 @@
-"""Tiled supervised InfoNCE rows (METHODS.md 1.3): exact loss and gradients without a B x B matrix.
+"""Tiled supervised InfoNCE (METHODS.md 1.3): exact loss and gradients without a B x B matrix.
 
 Row `i` (an anchor at global index `offset + i`) against the keys `k` (the global batch):
 
     L_i = lse_i - (1/n_i) sum_{p in P(i)} s_ip / tau,   lse_i = log sum_{j != offset+i} exp(s_ij / tau)
 
 The log-sum-exp is the only part that touches all `B` keys: forward computes it tile by tile (`c` anchor
-rows at a time) and keeps one number per row; backward recomputes each tile's logits. The positive term is
-linear in the keys, so it is computed exactly from per-class key sums in O(B * D), with no pair mask.
+rows at a time) and keeps one number per row; backward recomputes each tile's logits and turns them
+straight into softmax weights, `exp(s_ij / tau - lse_i)`. The positive term is linear in the keys, so it
+is computed exactly from per-class key sums in O(B * D), with no pair mask.
 Extra memory: one `c x B` buffer plus O(B * D) for the key gradient and class sums.
+
+`TiledInfoNCERows` is that method, for any weighting of the rows. A scalar loss (`InfoNCE`) goes
+through `TiledInfoNCESum`, which needs no recomputation: its gradients are made during forward.
 """
 from __future__ import annotations
 
@@ -15,8 +19,8 @@ import math
 
 import torch
 
-# Above this bound on |logit| the unshifted exp(logit) could overflow or underflow the compute dtype, and
-# each tile subtracts its rows' maxima first (one more pass). Unit rows give |logit| <= 1/tau.
+# Above this bound on |logit| the unshifted exp(logit) could overflow or underflow the compute dtype,
+# and each tile subtracts its rows' maxima first (one more pass). Unit rows give |logit| <= 1/tau.
 _NO_SHIFT_LIMIT = {torch.float32: 60.0, torch.float64: 600.0}
 
 
@@ -36,25 +40,63 @@ def positive_counts(labels_q: torch.Tensor, labels_k: torch.Tensor):
     return inv_q, inv_k, counts[inv_q] - 1, uniq.shape[0]
 
 
-def _zero_self(buf: torch.Tensor, offset: int, start: int, value: float) -> None:
-    """Set the anchors' own entries (row r, column offset + start + r) of a tile to `value`."""
-    rows = buf.shape[0]
-    buf[:, offset + start: offset + start + rows].diagonal().fill_(value)
+class _Tiles:
+    """Row tiles of the anchors `qs` (b, D) = q / tau against all keys `k` (B, D), in one `c x B` buffer."""
+
+    def __init__(self, qs, k, offset: int, tile_size: int):
+        self.qs, self.k, self.offset, self.tile_size = qs, k, offset, tile_size
+        self.buf = qs.new_empty(min(tile_size, qs.shape[0]) * k.shape[0])
+
+    def __iter__(self):
+        for start in range(0, self.qs.shape[0], self.tile_size):
+            yield start, min(start + self.tile_size, self.qs.shape[0])
+
+    def logits(self, start: int, stop: int) -> torch.Tensor:
+        """The tile s / tau of anchors start:stop against every key, with the anchors' own entries -inf."""
+        tile = self.buf[: (stop - start) * self.k.shape[0]].view(stop - start, self.k.shape[0])
+        torch.mm(self.qs[start:stop], self.k.t(), out=tile)
+        tile.diagonal(self.offset + start).fill_(-math.inf)
+        return tile
 
 
-def _tile_exp(buf, qs_tile, k, offset, start, shift):
-    """buf <- exp(logits - shift) with the anchors' own entries set to 0; returns the row shifts used."""
-    torch.mm(qs_tile, k.t(), out=buf)
+def _row_lse(tiles: _Tiles, start: int, stop: int, shift: bool):
+    """log sum_{j != self} exp(s_ij / tau) of anchors start:stop, and the tile left as exp(s_ij / tau - m_i)
+    with its row shift `m` (None: 0; the row maxima when `shift`)."""
+    tile = tiles.logits(start, stop)
+    row_max = None
     if shift:
-        # The own entry (logit 1/tau) must not set the shift; bound it by the rows' other entries.
-        _zero_self(buf, offset, start, -math.inf)
-        row_max = buf.amax(dim=1)
-        buf.sub_(row_max[:, None])
-    else:
-        row_max = None
-    buf.exp_()
-    _zero_self(buf, offset, start, 0.0)
-    return row_max
+        # Clamped so that a row whose only key is itself (all -inf) gives exp(-inf) = 0, not NaN.
+        row_max = tile.amax(dim=1).clamp_(min=torch.finfo(tile.dtype).min)
+        tile.sub_(row_max[:, None])
+    lse = tile.exp_().sum(dim=1).log_()
+    return (lse if row_max is None else lse.add_(row_max)), tile, row_max
+
+
+def _no_shift_ok(qc: torch.Tensor, kc: torch.Tensor, tau: float) -> bool:
+    bound = float(qc.norm(dim=1).max() * kc.norm(dim=1).max()) / tau if qc.shape[0] else 0.0
+    return bound <= _NO_SHIFT_LIMIT.get(qc.dtype, 60.0)
+
+
+def _rows(lse, qs, kc, offset: int, labels_q, labels_k):
+    """InfoNCE rows from the row log-sum-exps; the positive term comes from per-class key sums.
+    Returns the rows (0 where an anchor has no positive) and what the positive gradients need."""
+    inv_q, inv_k, n_pos, num_classes = positive_counts(labels_q, labels_k)
+    class_sums = torch.zeros(num_classes, kc.shape[1], dtype=kc.dtype, device=kc.device).index_add_(0, inv_k, kc)
+    # Sum of positive logits: q_i . (sum of keys of its class - its own key) / tau.
+    pos = (qs * class_sums[inv_q]).sum(1) - (qs * kc[offset: offset + qs.shape[0]]).sum(1)
+    rows = torch.where(n_pos > 0, lse - pos / n_pos.clamp(min=1), torch.zeros_like(lse))
+    return rows, (inv_q, inv_k, n_pos, class_sums)
+
+
+def _add_positive_grads(grad_q, grad_k, w, qc, kc, offset: int, tau: float, positives) -> None:
+    """Add the gradients of -(w_i / (tau n_i)) q_i . (class sum of keys - own key) for row weights w."""
+    inv_q, inv_k, n_pos, class_sums = positives
+    a = w / n_pos.clamp(min=1) / tau
+    if grad_q is not None:
+        grad_q -= a[:, None] * (class_sums[inv_q] - kc[offset: offset + qc.shape[0]])
+    if grad_k is not None:
+        grad_k -= torch.zeros_like(class_sums).index_add_(0, inv_q, a[:, None] * qc)[inv_k]
+        grad_k[offset: offset + qc.shape[0]] += a[:, None] * qc
 
 
 class TiledInfoNCERows(torch.autograd.Function):
@@ -68,78 +110,96 @@ class TiledInfoNCERows(torch.autograd.Function):
         dtype = compute_dtype(q.dtype)
         with torch.autocast(device_type=q.device.type, enabled=False):
             qc, kc = q.detach().to(dtype), k.detach().to(dtype)
-            b, big_b = qc.shape[0], kc.shape[0]
-            bound = float(qc.norm(dim=1).max() * kc.norm(dim=1).max()) / tau if b else 0.0
-            shift = not bound <= _NO_SHIFT_LIMIT.get(dtype, 60.0)
+            shift = not _no_shift_ok(qc, kc, tau)
             qs = qc / tau
-            lse = torch.empty(b, dtype=dtype, device=q.device)
-            buf = torch.empty(min(tile_size, b), big_b, dtype=dtype, device=q.device)
-            for start in range(0, b, tile_size):
-                stop = min(start + tile_size, b)
-                tile = buf[: stop - start]
-                row_max = _tile_exp(tile, qs[start:stop], kc, offset, start, shift)
-                lse[start:stop] = tile.sum(dim=1).log_()
-                if row_max is not None:
-                    lse[start:stop] += row_max
-            del buf
+            tiles = _Tiles(qs, kc, offset, tile_size)
+            lse = torch.empty(qc.shape[0], dtype=dtype, device=q.device)
+            for start, stop in tiles:
+                lse[start:stop] = _row_lse(tiles, start, stop, shift)[0]
+            del tiles
+            rows, _ = _rows(lse, qs, kc, offset, labels_q, labels_k)
 
-            inv_q, inv_k, n_pos, num_classes = positive_counts(labels_q, labels_k)
-            class_sums = torch.zeros(num_classes, kc.shape[1], dtype=dtype, device=q.device)
-            class_sums.index_add_(0, inv_k, kc)
-            # Sum of positive logits: q_i . (sum of keys of its class - its own key) / tau.
-            pos = (qs * class_sums[inv_q]).sum(1) - (qs * kc[offset: offset + b]).sum(1)
-            valid = n_pos > 0
-            rows = torch.where(valid, lse - pos / n_pos.clamp(min=1), torch.zeros_like(lse))
-
-        ctx.save_for_backward(q, k, lse, inv_q, inv_k, n_pos)
-        ctx.offset, ctx.tau, ctx.tile_size, ctx.shift = offset, tau, tile_size, shift
-        ctx.num_classes = num_classes
+        ctx.save_for_backward(q, k, lse, labels_q, labels_k)
+        ctx.offset, ctx.tau, ctx.tile_size = offset, tau, tile_size
         return rows
 
     @staticmethod
     def backward(ctx, grad_rows):
-        q, k, lse, inv_q, inv_k, n_pos = ctx.saved_tensors
-        offset, tau, tile_size, shift = ctx.offset, ctx.tau, ctx.tile_size, ctx.shift
-        dtype = lse.dtype
+        q, k, lse, labels_q, labels_k = ctx.saved_tensors
+        tau, offset, dtype = ctx.tau, ctx.offset, lse.dtype
         with torch.autocast(device_type=q.device.type, enabled=False):
             qc, kc = q.detach().to(dtype), k.detach().to(dtype)
-            b, big_b = qc.shape[0], kc.shape[0]
-            valid = n_pos > 0
-            w = torch.where(valid, grad_rows.to(dtype), torch.zeros_like(lse))
             qs = qc / tau
-            grad_q = torch.empty_like(qc)
-            grad_k = torch.zeros_like(kc)
+            positives = _rows(lse, qs, kc, offset, labels_q, labels_k)[1]
+            valid = positives[2] > 0
+            w = torch.where(valid, grad_rows.to(dtype), torch.zeros_like(lse))
+            # Rows without a positive get lse = +inf: their softmax weights are exactly 0.
+            lse = torch.where(valid, lse, math.inf)
+            weighted_qs = qs * w[:, None]
             want_k = ctx.needs_input_grad[1]
-            buf = torch.empty(min(tile_size, b), big_b, dtype=dtype, device=q.device)
-            for start in range(0, b, tile_size):
-                stop = min(start + tile_size, b)
-                tile = buf[: stop - start]
-                row_max = _tile_exp(tile, qs[start:stop], kc, offset, start, shift)
-                # softmax_ij = tile_ij * exp(shift_i - lse_i); fold it and the row weight into the D side.
-                log_norm = -lse[start:stop] if row_max is None else row_max - lse[start:stop]
-                scale = torch.where(valid[start:stop], w[start:stop] * log_norm.exp(), 0.0)
-                torch.mm(tile, kc, out=grad_q[start:stop])
-                grad_q[start:stop].mul_((scale / tau)[:, None])
+            grad_q = torch.zeros_like(qc)
+            grad_k = torch.zeros_like(kc) if want_k else None
+            tiles = _Tiles(qs, kc, offset, ctx.tile_size)
+            for start, stop in tiles:
+                softmax = tiles.logits(start, stop).sub_(lse[start:stop, None]).exp_()
+                torch.mm(softmax, kc, out=grad_q[start:stop])
                 if want_k:
-                    grad_k.addmm_(tile.t(), qs[start:stop] * scale[:, None])
-            del buf
-
-            # Positive term: -(w_i / (tau n_i)) q_i . (class sum of keys - own key).
-            a = w / n_pos.clamp(min=1) / tau
-            class_sums = torch.zeros(ctx.num_classes, kc.shape[1], dtype=dtype, device=q.device)
-            class_sums.index_add_(0, inv_k, kc)
-            grad_q -= a[:, None] * (class_sums[inv_q] - kc[offset: offset + b])
-            weighted_q = torch.zeros_like(class_sums).index_add_(0, inv_q, a[:, None] * qc)
-            grad_k -= weighted_q[inv_k]
-            grad_k[offset: offset + b] += a[:, None] * qc
+                    grad_k.addmm_(softmax.t(), weighted_qs[start:stop])
+            del tiles
+            grad_q.mul_((w / tau)[:, None])
+            _add_positive_grads(grad_q, grad_k, w, qc, kc, offset, tau, positives)
         return grad_q.to(q.dtype), grad_k.to(k.dtype) if want_k else None, None, None, None, None, None
 
 
-def tiled_info_nce_rows(q, k, labels_q, labels_k, offset: int = 0, tau: float = 0.1, tile_size: int = 1024):
-    """Per-anchor supervised InfoNCE rows of anchors `q` (b, D) at global rows `offset..offset+b` of `k` (B, D).
+class TiledInfoNCESum(torch.autograd.Function):
+    """`scale` x the sum of the supervised InfoNCE rows: a scalar, with its gradients made during forward.
 
-    Both must be L2-normalised; rows of anchors without a positive are 0. Never builds a B x B matrix.
+    A scalar loss needs one number from backward, so each row tile's softmax becomes gradient while it is
+    still in memory: 6 B^2 D FLOPs and one exp per pair, where the rows function recomputes the logits
+    (8 B^2 D, two exps). Each tile spans all keys (`c x B`); the two gradients add O(B * D).
     """
+
+    @staticmethod
+    def forward(ctx, q, k, labels_q, labels_k, offset: int, tau: float, tile_size: int, scale: float):
+        dtype = compute_dtype(q.dtype)
+        want_q, want_k = ctx.needs_input_grad[:2]
+        with torch.autocast(device_type=q.device.type, enabled=False):
+            qc, kc = q.detach().to(dtype), k.detach().to(dtype)
+            shift = not _no_shift_ok(qc, kc, tau)
+            qs = qc / tau
+            tiles = _Tiles(qs, kc, offset, tile_size)
+            valid = positive_counts(labels_q, labels_k)[2] > 0
+            lse = torch.empty(qc.shape[0], dtype=dtype, device=q.device)
+            grad_q = torch.zeros_like(qc) if want_q else None
+            grad_k = torch.zeros_like(kc) if want_k else None
+            for start, stop in tiles:
+                lse[start:stop], exp_tile, row_shift = _row_lse(tiles, start, stop, shift)
+                if not (want_q or want_k):
+                    continue
+                # softmax = exp_tile * exp(shift - lse): fold that row factor and `scale` into the D side.
+                log_norm = -lse[start:stop] if row_shift is None else row_shift - lse[start:stop]
+                a = torch.where(valid[start:stop], scale * log_norm.exp(), 0.0)
+                if want_q:
+                    torch.mm(exp_tile, kc, out=grad_q[start:stop]).mul_((a / tau)[:, None])
+                if want_k:
+                    grad_k.addmm_(exp_tile.t(), qs[start:stop] * a[:, None])
+            del tiles
+            rows, positives = _rows(lse, qs, kc, offset, labels_q, labels_k)
+            if want_q or want_k:
+                _add_positive_grads(grad_q, grad_k, valid.to(dtype) * scale, qc, kc, offset, tau, positives)
+        ctx.save_for_backward(grad_q, grad_k)
+        ctx.dtypes = q.dtype, k.dtype
+        return rows.sum() * scale
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_q, grad_k = ctx.saved_tensors
+        out_q = (grad_q * grad_out).to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
+        out_k = (grad_k * grad_out).to(ctx.dtypes[1]) if ctx.needs_input_grad[1] else None
+        return out_q, out_k, None, None, None, None, None, None
+
+
+def _check_args(q, k, labels_q, labels_k, offset: int, tile_size: int) -> None:
     if tile_size < 1:
         raise ValueError(f"tile_size must be >= 1, got {tile_size}")
     if q.shape[1] != k.shape[1] or offset < 0 or offset + q.shape[0] > k.shape[0]:
@@ -151,4 +211,21 @@ def tiled_info_nce_rows(q, k, labels_q, labels_k, offset: int = 0, tau: float = 
             f"labels do not match: {labels_q.shape[0]} anchor labels for {q.shape[0]} anchors, "
             f"{labels_k.shape[0]} key labels for {k.shape[0]} keys"
         )
+
+
+def tiled_info_nce_rows(q, k, labels_q, labels_k, offset: int = 0, tau: float = 0.1, tile_size: int = 1024):
+    """Per-anchor supervised InfoNCE rows of anchors `q` (b, D) at global rows `offset..offset+b` of `k` (B, D).
+
+    Both must be L2-normalised; rows of anchors without a positive are 0. Never builds a B x B matrix:
+    the largest temporary is `tile_size x B`.
+    """
+    _check_args(q, k, labels_q, labels_k, offset, tile_size)
     return TiledInfoNCERows.apply(q, k, labels_q, labels_k, int(offset), float(tau), int(tile_size))
+
+
+def tiled_info_nce_sum(q, k, labels_q, labels_k, offset: int = 0, tau: float = 0.1, tile_size: int = 1024,
+                       scale: float = 1.0):
+    """`scale * tiled_info_nce_rows(...).sum()`, exactly, through `TiledInfoNCESum` (the faster way to a
+    scalar loss); the largest temporary is `tile_size x B`."""
+    _check_args(q, k, labels_q, labels_k, offset, tile_size)
+    return TiledInfoNCESum.apply(q, k, labels_q, labels_k, int(offset), float(tau), int(tile_size), float(scale))

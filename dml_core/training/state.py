@@ -5,7 +5,10 @@ Only tensors and plain Python values are saved, so loading uses `torch.load(weig
 """
 from __future__ import annotations
 
+import io
+import logging
 import os
+import re
 from typing import Any
 
 import torch
@@ -13,6 +16,9 @@ from torch import nn
 
 MODEL_FILE = "model.pt"
 STATE_FILE = "state.pt"
+CHECKPOINT_NAME = re.compile(r"checkpoint_\d{8}")  # checkpoint_<step>, zero-padded: names sort by step
+
+log = logging.getLogger(__name__)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -50,14 +56,38 @@ def save_state(directory: str, model: nn.Module, optimizer: torch.optim.Optimize
 
 
 def load_state(directory: str) -> dict:
-    """Read both files of a checkpoint directory (local); the model entry is the {spec, state_dict} dict."""
+    """Read both files of a checkpoint directory (local path or storage URL); the model entry is the
+    {spec, state_dict} dict."""
+    from dml_core.data import storage
+
     out = {}
     for key, name in (("model", MODEL_FILE), ("state", STATE_FILE)):
-        path = os.path.join(directory, name)
-        if not os.path.exists(path):
+        url = storage.join(directory, name)
+        if not storage.exists(url):
             raise FileNotFoundError(f"checkpoint {directory} has no {name}")
-        out[key] = torch.load(path, map_location="cpu", weights_only=True)
+        out[key] = torch.load(io.BytesIO(storage.read_bytes(url)), map_location="cpu", weights_only=True)
     return {"model": out["model"], **out["state"]}
+
+
+def newest_checkpoint(checkpoints_url: str) -> tuple[str, dict] | None:
+    """The newest `checkpoint_<step>` directory under `checkpoints_url` whose files load, and its state.
+
+    One left incomplete by a crash mid-write is skipped with a warning, so a run resumes from the one before.
+    """
+    from dml_core.data import storage
+
+    fs, path = storage.filesystem(checkpoints_url)
+    fs.invalidate_cache(path)
+    if not fs.exists(path):
+        return None
+    names = sorted((p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)), reverse=True)
+    for name in filter(CHECKPOINT_NAME.fullmatch, names):
+        url = storage.join(checkpoints_url, name)
+        try:
+            return url, load_state(url)
+        except Exception as e:  # truncated zip, missing file: anything that makes it unusable
+            log.warning("skipping unreadable checkpoint %s: %s", url, e)
+    return None
 
 
 def restore_state(state: dict, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,

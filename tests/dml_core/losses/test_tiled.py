@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from dml_core.losses.info_nce import dense_info_nce_rows
-from dml_core.losses.tiled import tiled_info_nce_rows
+from dml_core.losses.tiled import tiled_info_nce_rows, tiled_info_nce_sum
 from tests.dml_core.losses.test_info_nce import RTOL, assert_close_rel, naive_info_nce_rows
 
 torch.set_num_threads(1)
@@ -49,6 +49,33 @@ def test_tiled_equals_dense(dtype, tau, n_keys, n_anchors, offset, d, n_classes)
         for got, want in zip(tiled, dense):
             assert got.dtype == want.dtype
             assert_close_rel(got, want, RTOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("tau", [0.1, 0.01])
+@pytest.mark.parametrize("n_keys,n_anchors,offset,d,n_classes", SHAPES)
+def test_tiled_sum_equals_scaled_dense_sum(dtype, tau, n_keys, n_anchors, offset, d, n_classes):
+    # The gradients are made in forward and scaled by the upstream gradient in backward.
+    q, k, labels_q, labels_k, _ = make_inputs(n_keys, n_anchors, offset, d, n_classes, dtype, seed=n_keys + 1)
+    scale, upstream = 2.5, 0.3
+
+    def value_and_grads(fn):
+        value = fn(q, k)
+        return (value.detach(), *torch.autograd.grad(value * upstream, (q, k)))
+
+    dense = value_and_grads(lambda a, b: dense_info_nce_rows(a, b, labels_q, labels_k, offset, tau).sum() * scale)
+    for tile_size in sorted({1, 4, n_anchors, n_anchors + 3}):
+        tiled = value_and_grads(
+            lambda a, b: tiled_info_nce_sum(a, b, labels_q, labels_k, offset, tau, tile_size, scale))
+        for got, want in zip(tiled, dense):
+            assert got.dtype == want.dtype
+            assert_close_rel(got, want, RTOL[dtype])
+    # Only one input needing a gradient, and no gradient at all (forward skips the gradient work).
+    (grad_q,) = torch.autograd.grad(tiled_info_nce_sum(q, k.detach(), labels_q, labels_k, offset, tau, 3, scale)
+                                    * upstream, q)
+    assert_close_rel(grad_q, dense[1], RTOL[dtype])
+    with torch.no_grad():
+        assert_close_rel(tiled_info_nce_sum(q, k, labels_q, labels_k, offset, tau, 3, scale), dense[0], RTOL[dtype])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -118,6 +145,7 @@ def test_never_materialises_b_by_b():
     with MaxOutputNumel() as mode:
         rows = tiled_info_nce_rows(q, k, labels_q, labels_k, 0, 0.1, tile_size)
         (rows * w.float()).sum().backward()
+        tiled_info_nce_sum(q, k, labels_q, labels_k, 0, 0.1, tile_size).backward()
     assert mode.largest <= max(tile_size * n, n * d)
     with MaxOutputNumel() as mode:  # the detector itself works
         dense_info_nce_rows(q, k, labels_q, labels_k, 0, 0.1)
@@ -130,6 +158,7 @@ def test_saves_only_linear_memory_for_backward():
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
         tiled_info_nce_rows(q, k, labels_q, labels_k, 0, 0.1, 32)
+        tiled_info_nce_sum(q, k, labels_q, labels_k, 0, 0.1, 32)
     assert saved and max(saved) <= n * d
 
 
@@ -140,6 +169,10 @@ def test_bf16_inputs_and_autocast_compute_in_float32():
     want = rows_and_grads(lambda a, b: dense_info_nce_rows(a, b, labels_q, labels_k, 0, 0.1), q32, k32, w)
     got = rows_and_grads(lambda a, b: tiled_info_nce_rows(a, b, labels_q, labels_k, 0, 0.1, 5), qb, kb, w)
     assert got[0].dtype == torch.float32 and got[1].dtype == torch.bfloat16
+    (sum_grad_q,) = torch.autograd.grad(tiled_info_nce_sum(qb, kb.detach(), labels_q, labels_k, 0, 0.1, 5), qb)
+    (want_sum_q,) = torch.autograd.grad(dense_info_nce_rows(q32, k32.detach(), labels_q, labels_k, 0, 0.1).sum(), q32)
+    assert sum_grad_q.dtype == torch.bfloat16
+    assert_close_rel(sum_grad_q.float(), want_sum_q, 1e-2)
     assert_close_rel(got[0], want[0], 1e-5)
     for g, ref in zip(got[1:], want[1:]):  # gradients are rounded to bf16 on the way out
         assert_close_rel(g.float(), ref, 1e-2)
@@ -160,6 +193,10 @@ def test_tiled_equals_dense_on_cuda(dtype):
     for got, want in zip(tiled, dense):
         assert got.is_cuda
         assert_close_rel(got, want, RTOL[dtype])
+    value = tiled_info_nce_sum(q, k, labels_q, labels_k, 150, 0.1, 33)
+    want_value = dense_info_nce_rows(q, k, labels_q, labels_k, 150, 0.1).sum()
+    for got, want in zip((value, *torch.autograd.grad(value, (q, k))), (want_value, *torch.autograd.grad(want_value, (q, k)))):
+        assert_close_rel(got, want, RTOL[dtype])
 
 
 def test_bad_arguments():
@@ -170,3 +207,5 @@ def test_bad_arguments():
         tiled_info_nce_rows(q, k, labels_q[:3], labels_k)
     with pytest.raises(ValueError, match="tile_size must be >= 1"):
         tiled_info_nce_rows(q, k, labels_q, labels_k, tile_size=0)
+    with pytest.raises(ValueError, match="do not fit inside keys"):
+        tiled_info_nce_sum(q, k, labels_q, labels_k, offset=8)

@@ -5,7 +5,7 @@ import torch
 
 from dml_core.config import config_from_dict
 from dml_core.training.build import build_loss, build_model_from_config, build_optimizer, build_schedule, lr_factor
-from dml_core.training.state import load_state, restore_state, save_state
+from dml_core.training.state import load_state, newest_checkpoint, restore_state, save_state
 from dml_core.training.step import train_step
 
 CFG = config_from_dict({"model": {"backbone": "small_cnn", "embedding_dim": 16, "image_size": 8},
@@ -63,6 +63,23 @@ def test_model_file_loads_with_the_model_loader(tmp_path):
     x = torch.rand(3, 1, 8, 8)
     model.eval(), again.eval()
     torch.testing.assert_close(again(x), model(x))
+
+
+def test_newest_checkpoint_skips_an_incomplete_one(tmp_path):
+    model, loss, opt, sched = make()
+    assert newest_checkpoint(str(tmp_path / "none-yet")) is None
+    for step in (5, 10, 15):
+        save_state(str(tmp_path / f"checkpoint_{step:08d}"), model, opt, sched, loss, step=step, config={})
+    (tmp_path / "checkpoint_manager_snapshot.json").write_text("{}")  # other files in the folder are ignored
+    url, state = newest_checkpoint(str(tmp_path))
+    assert url.endswith("checkpoint_00000015") and state["step"] == 15
+    # A crash while step 15 was written: a truncated state file, then a missing one.
+    state_file = tmp_path / "checkpoint_00000015" / "state.pt"
+    state_file.write_bytes(state_file.read_bytes()[:100])
+    url, state = newest_checkpoint(str(tmp_path))
+    assert url.endswith("checkpoint_00000010") and state["step"] == 10
+    state_file.unlink()
+    assert newest_checkpoint(str(tmp_path))[1]["step"] == 10
 
 
 def test_lr_schedule_shape():
