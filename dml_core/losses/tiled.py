@@ -77,20 +77,24 @@ def _no_shift_ok(qc: torch.Tensor, kc: torch.Tensor, tau: float) -> bool:
     return bound <= _NO_SHIFT_LIMIT.get(qc.dtype, 60.0)
 
 
-def _rows(lse, qs, kc, offset: int, labels_q, labels_k):
-    """InfoNCE rows from the row log-sum-exps; the positive term comes from per-class key sums.
-    Returns the rows (0 where an anchor has no positive) and what the positive gradients need."""
+def _positives(qs, kc, offset: int, labels_q, labels_k):
+    """What the positive term needs, from per-class key sums: (inv_q, inv_k, n_pos, class_sums, pos) with
+    pos_i = q_i . (sum of keys of its class - its own key) / tau, the sum of anchor i's positive logits."""
     inv_q, inv_k, n_pos, num_classes = positive_counts(labels_q, labels_k)
     class_sums = torch.zeros(num_classes, kc.shape[1], dtype=kc.dtype, device=kc.device).index_add_(0, inv_k, kc)
-    # Sum of positive logits: q_i . (sum of keys of its class - its own key) / tau.
     pos = (qs * class_sums[inv_q]).sum(1) - (qs * kc[offset: offset + qs.shape[0]]).sum(1)
-    rows = torch.where(n_pos > 0, lse - pos / n_pos.clamp(min=1), torch.zeros_like(lse))
-    return rows, (inv_q, inv_k, n_pos, class_sums)
+    return inv_q, inv_k, n_pos, class_sums, pos
+
+
+def _rows(lse, positives):
+    """InfoNCE rows from the row log-sum-exps; 0 where an anchor has no positive."""
+    n_pos, pos = positives[2], positives[4]
+    return torch.where(n_pos > 0, lse - pos / n_pos.clamp(min=1), torch.zeros_like(lse))
 
 
 def _add_positive_grads(grad_q, grad_k, w, qc, kc, offset: int, tau: float, positives) -> None:
     """Add the gradients of -(w_i / (tau n_i)) q_i . (class sum of keys - own key) for row weights w."""
-    inv_q, inv_k, n_pos, class_sums = positives
+    inv_q, inv_k, n_pos, class_sums, _ = positives
     a = w / n_pos.clamp(min=1) / tau
     if grad_q is not None:
         grad_q -= a[:, None] * (class_sums[inv_q] - kc[offset: offset + qc.shape[0]])
@@ -117,7 +121,7 @@ class TiledInfoNCERows(torch.autograd.Function):
             for start, stop in tiles:
                 lse[start:stop] = _row_lse(tiles, start, stop, shift)[0]
             del tiles
-            rows, _ = _rows(lse, qs, kc, offset, labels_q, labels_k)
+            rows = _rows(lse, _positives(qs, kc, offset, labels_q, labels_k))
 
         ctx.save_for_backward(q, k, lse, labels_q, labels_k)
         ctx.offset, ctx.tau, ctx.tile_size = offset, tau, tile_size
@@ -130,7 +134,7 @@ class TiledInfoNCERows(torch.autograd.Function):
         with torch.autocast(device_type=q.device.type, enabled=False):
             qc, kc = q.detach().to(dtype), k.detach().to(dtype)
             qs = qc / tau
-            positives = _rows(lse, qs, kc, offset, labels_q, labels_k)[1]
+            positives = _positives(qs, kc, offset, labels_q, labels_k)
             valid = positives[2] > 0
             w = torch.where(valid, grad_rows.to(dtype), torch.zeros_like(lse))
             # Rows without a positive get lse = +inf: their softmax weights are exactly 0.
@@ -168,7 +172,8 @@ class TiledInfoNCESum(torch.autograd.Function):
             shift = not _no_shift_ok(qc, kc, tau)
             qs = qc / tau
             tiles = _Tiles(qs, kc, offset, tile_size)
-            valid = positive_counts(labels_q, labels_k)[2] > 0
+            positives = _positives(qs, kc, offset, labels_q, labels_k)
+            valid = positives[2] > 0
             lse = torch.empty(qc.shape[0], dtype=dtype, device=q.device)
             grad_q = torch.zeros_like(qc) if want_q else None
             grad_k = torch.zeros_like(kc) if want_k else None
@@ -184,7 +189,7 @@ class TiledInfoNCESum(torch.autograd.Function):
                 if want_k:
                     grad_k.addmm_(exp_tile.t(), qs[start:stop] * a[:, None])
             del tiles
-            rows, positives = _rows(lse, qs, kc, offset, labels_q, labels_k)
+            rows = _rows(lse, positives)
             if want_q or want_k:
                 _add_positive_grads(grad_q, grad_k, valid.to(dtype) * scale, qc, kc, offset, tau, positives)
         ctx.save_for_backward(grad_q, grad_k)
