@@ -132,10 +132,11 @@ def bench_compute(root, datasets):
 
 
 def write_markdown(path, payload, command):
+    busy = max(payload["load_avg_start"], payload["load_avg_end"]) > payload["machine"]["cpus"] / 2
     lines = ["# Data throughput", "", f"Command: `{command}`", "",
              f"Machine: {payload['machine']['cpus']} CPUs ({payload['machine']['platform']}), torch threads "
              f"{payload['machine']['torch_threads']}; load average (1 min) at start {payload['load_avg_start']}, "
-             f"at end {payload['load_avg_end']} (shared machine: other jobs were running).", "",
+             f"at end {payload['load_avg_end']}" + (" (other jobs were running)." if busy else "."), "",
              "| store | dataset | measurement | samples/s | MB/s | samples | load before |",
              "|---|---|---|---:|---:|---:|---:|"]
     for store in ("local", "s3"):
