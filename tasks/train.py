@@ -25,7 +25,7 @@ from dml_core.data import storage
 from dml_core.data.shard_stream import setup_storage
 from dml_core.training.build import build_loss, build_model_from_config, build_optimizer, build_schedule
 from dml_core.training.metrics_log import MetricsLog
-from dml_core.training.state import load_state, newest_checkpoint, restore_state, save_state
+from dml_core.training.state import checkpoint_dir_name, load_state, newest_checkpoint, restore_state, save_state
 from dml_core.training.step import train_step
 from tasks import ray_runtime
 from tasks.train_checks import DataInfo, preflight, run_dir
@@ -110,7 +110,7 @@ def _checkpoint(step: int, model, optimizer, scheduler, loss, cfg_dict: dict, me
         if rank == 0:
             save_state(tmp, model, optimizer, scheduler, loss, step, cfg_dict, metrics)
             ckpt = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_{step:08d}")
+        ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=checkpoint_dir_name(step))
 
 
 def _resume_state(run: str, rank: int, world: int) -> dict | None:

@@ -87,11 +87,11 @@ class InfoNCE(EmbeddingLoss):
         if n_valid == 0:
             raise _no_positive_error(k.shape[0])
         n_local = int(valid_global[offset: offset + q.shape[0]].sum())
-        tiled = k.shape[0] > self.tiled_above
+        tiled, scale = k.shape[0] > self.tiled_above, ddp_scale(n_valid)
         if tiled:
-            loss = tiled_info_nce_sum(q, k, labels, labels_k, offset, self.tau, self.tile_size, ddp_scale(n_valid))
+            loss = tiled_info_nce_sum(q, k, labels, labels_k, offset, self.tau, self.tile_size, scale)
         else:
-            loss = dense_info_nce_rows(q, k, labels, labels_k, offset, self.tau).sum() * ddp_scale(n_valid)
+            loss = dense_info_nce_rows(q, k, labels, labels_k, offset, self.tau).sum() * scale
         self.stats = {
             "anchors_with_positive": float(n_valid),
             "anchors_with_positive_local": float(n_local),

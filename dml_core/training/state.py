@@ -21,6 +21,11 @@ CHECKPOINT_NAME = re.compile(r"checkpoint_\d{8}")  # checkpoint_<step>, zero-pad
 log = logging.getLogger(__name__)
 
 
+def checkpoint_dir_name(step: int) -> str:
+    """The directory name of the checkpoint at `step` (matches CHECKPOINT_NAME)."""
+    return f"checkpoint_{step:08d}"
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The bare model inside a DistributedDataParallel (or similar) wrapper."""
     return model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
