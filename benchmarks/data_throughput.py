@@ -25,14 +25,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from dml_core.data.augment import AugmentConfig, two_views  # noqa: E402
 from dml_core.data.decode import decode_sample  # noqa: E402
 from dml_core.data.eval_reader import EvalReader  # noqa: E402
-from dml_core.data.s3_server import SeaweedS3  # noqa: E402
-from dml_core.data.shard_stream import iter_samples, setup_storage, shard_urls  # noqa: E402
+from dml_core.data.layout import SPLITS  # noqa: E402
+from dml_core.data.manifest import Manifest  # noqa: E402
+from dml_core.data.shard_stream import iter_samples  # noqa: E402
 from dml_core.data.sharding import shard_dataset  # noqa: E402
 from dml_core.data.sources import SyntheticSource, fashion_mnist  # noqa: E402
 from dml_core.data.sources.idx import FASHION_MNIST_DIR  # noqa: E402
 from dml_core.data.train_reader import TrainReader  # noqa: E402
-
-SPLITS = ("train", "eval", "gallery")
+from infra.seaweedfs import SeaweedS3  # noqa: E402
 
 
 def timed(fn):
@@ -55,17 +55,17 @@ def raw_read(urls):
     return run
 
 
-def eval_read(root, name, version, workers, endpoint):
+def eval_read(manifest, workers, endpoint):
     def run():
-        reader = EvalReader.from_manifest(root, name, version, list(SPLITS), rank=0, world_size=1, batch_size=256,
+        reader = EvalReader.from_manifest(manifest, SPLITS, rank=0, world_size=1, batch_size=256,
                                           num_workers=workers, endpoint_url=endpoint)
         return sum(len(b) for b in reader), 0
     return run
 
 
-def train_read(root, name, version, workers, endpoint, steps, p, k):
+def train_read(manifest, workers, endpoint, steps, p, k):
     def run():
-        reader = TrainReader.from_manifest(root, name, version, rank=0, world_size=1, steps=steps, p=p, k=k,
+        reader = TrainReader.from_manifest(manifest, rank=0, world_size=1, steps=steps, p=p, k=k,
                                            shuffle_buffer=500, num_workers=workers, endpoint_url=endpoint)
         return sum(len(b) for b in reader), 0
     return run
@@ -98,20 +98,18 @@ def make_datasets(root, per_class):
     out = {}
     for name, src in sources.items():
         m = shard_dataset(src, root, name, seed=0, max_shard_samples=500)
-        out[name] = {"version": m["version"], "count": sum(m["splits"][s]["count"] for s in SPLITS),
-                     "train_count": m["splits"]["train"]["count"],
-                     "shards": sum(len(m["splits"][s]["shards"]) for s in SPLITS)}
+        out[name] = {"version": m.version, "count": m.count, "train_count": m.split("train").count,
+                     "shards": len(m.shard_urls(SPLITS))}
     return out
 
 
 def bench_store(label, root, datasets, workers, endpoint):
     results = {}
     for name, info in datasets.items():
-        urls = [u for s in SPLITS for u in shard_urls(root, name, info["version"], s)]
-        r = {"raw_read_1proc": timed(raw_read(urls)),
-             f"eval_reader_decode_{workers}workers": timed(eval_read(root, name, info["version"], workers, endpoint)),
-             f"train_reader_pk4x8_{workers}workers": timed(train_read(root, name, info["version"], workers,
-                                                                      endpoint, steps=60, p=4, k=8))}
+        m = Manifest.read(root, name, info["version"])
+        r = {"raw_read_1proc": timed(raw_read(m.shard_urls(SPLITS))),
+             f"eval_reader_decode_{workers}workers": timed(eval_read(m, workers, endpoint)),
+             f"train_reader_pk4x8_{workers}workers": timed(train_read(m, workers, endpoint, steps=60, p=4, k=8))}
         for key, v in r.items():
             print(f"{label:6s} {name:16s} {key:32s} {v['samples_per_s']:>10.1f} samples/s", flush=True)
         results[name] = r
@@ -121,8 +119,7 @@ def bench_store(label, root, datasets, workers, endpoint):
 def bench_compute(root, datasets):
     out = {}
     for name, info in datasets.items():
-        urls = shard_urls(root, name, info["version"], "train")
-        raw = list(iter_samples(urls))[:2000]
+        raw = list(iter_samples(Manifest.read(root, name, info["version"]).shard_urls("train")))[:2000]
         batch = torch.stack([decode_sample(s).image for s in raw[:256]])
         out[name] = {"decode_1proc": timed(decode_only(raw)),
                      f"two_views_augment_batch256_{tuple(batch.shape[1:])}": timed(augment_only(batch))}
@@ -170,14 +167,12 @@ def main(argv=None):
                "settings": vars(args)}
     with tempfile.TemporaryDirectory(prefix="dml-bench-") as tmp:
         local_root = os.path.join(tmp, "local")
-        setup_storage()
         payload["datasets"] = make_datasets(local_root, args.per_class)
         payload["local"] = bench_store("local", local_root, payload["datasets"], args.workers, None)
         payload["compute"] = bench_compute(local_root, payload["datasets"])
         if not args.no_s3:
             with SeaweedS3(bucket="bench", workdir=os.path.join(tmp, "seaweedfs")) as s3:
-                os.environ.update(s3.client_env())  # credentials for s3fs here and in loader workers
-                setup_storage(s3.endpoint_url)
+                os.environ.update(s3.client_env())  # credentials and endpoint for s3fs here and in loader workers
                 s3_root = s3.url("bench")
                 make_datasets(s3_root, args.per_class)
                 payload["s3"] = bench_store("s3", s3_root, payload["datasets"], args.workers, s3.endpoint_url)

@@ -119,6 +119,11 @@ class Config:
     def data_root(self) -> str:
         return self.data.root or self.run.root
 
+    @property
+    def run_dir(self) -> str:
+        """`<run.root>/runs/<run.name>`: the run's config, metrics and checkpoints."""
+        return self.run.root.rstrip("/") + "/runs/" + self.run.name
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -130,7 +135,7 @@ class Config:
 
 def load_config(path: str, overrides: dict | None = None) -> Config:
     """Read one YAML file (local path or any storage URL) into a validated `Config`."""
-    from dml_core.data import storage
+    from dml_core import storage
 
     try:
         text = storage.read_bytes(str(path)).decode("utf-8")
@@ -242,22 +247,28 @@ def validate(cfg: Config, source: str = "config") -> None:
     if cfg.loss.bct is not None and cfg.loss.objective != "supervised":
         bad("loss.bct", "needs loss.objective: supervised (class labels are the BCT targets)")
     if cfg.loss.tcm is not None:
-        t = cfg.loss.tcm
-        if not -1 <= t.m_neg <= 1 or not -1 <= t.m_pos <= 1:
-            bad("loss.tcm", f"margins must lie in [-1, 1], got m_pos={t.m_pos}, m_neg={t.m_neg}")
-        if t.lambda_pos < 0 or t.lambda_neg < 0:
-            bad("loss.tcm", "lambda_pos and lambda_neg must be >= 0")
+        from dml_core.losses import tcm
+
+        _term_check("loss.tcm", lambda: tcm.check_params(**dataclasses.asdict(cfg.loss.tcm)), bad)
     if cfg.loss.bct is not None:
+        from dml_core.losses import bct
+
         if not cfg.loss.bct.old_checkpoint:
             bad("loss.bct.old_checkpoint", "must name the old model's checkpoint directory")
-        positive("loss.bct.tau_bct", cfg.loss.bct.tau_bct)
-        if cfg.loss.bct.lambda_bct < 0:
-            bad("loss.bct.lambda_bct", f"must be >= 0, got {cfg.loss.bct.lambda_bct}")
+        _term_check("loss.bct", lambda: bct.check_params(cfg.loss.bct.lambda_bct, cfg.loss.bct.tau_bct), bad)
     if cfg.train.grad_cache_chunk is not None and cfg.train.grad_cache_chunk > cfg.data.batch_size:
         bad("train.grad_cache_chunk", "must not exceed data.batch_size")
     for res, amount in cfg.ray.resources_per_worker.items():
         if amount < 0:
             bad(f"ray.resources_per_worker.{res}", f"must be >= 0, got {amount}")
+
+
+def _term_check(name: str, check, bad) -> None:
+    """Run a loss term's own parameter check, reporting its failure under the config field."""
+    try:
+        check()
+    except ValueError as e:
+        bad(name, f"is invalid: {e}")
 
 
 def _check_backbone(name: str, bad) -> None:

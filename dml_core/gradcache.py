@@ -62,7 +62,8 @@ def _rng_restored(state: tuple[torch.Tensor, list[torch.Tensor]]):
 class GradCache:
     """Three-phase gradient-cached step for `encoder` (an nn.Module, possibly DDP-wrapped).
 
-    `loss_fn` is an EmbeddingLoss called as `loss_fn(z, labels, ids)` on the whole (local) batch.
+    `loss_fn` is an EmbeddingLoss called as `loss_fn(z, labels, ids)` on the whole (local) batch; under DDP
+    wrap it in `DistributedLoss` so that it sees the global batch.
     A dict input is split along dim 0 and passed as `encoder(**chunk)`. `step` accumulates parameter
     gradients (zero them before, call the optimizer after) and returns this worker's loss value.
     Under DDP only the last chunk's backward all-reduces. `autocast_dtype` (e.g. torch.bfloat16) runs

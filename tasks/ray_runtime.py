@@ -9,6 +9,7 @@ import tempfile
 
 import ray
 
+from dml_core import storage
 from dml_core.config import Config
 
 # Unix socket paths are limited to ~107 bytes; Ray appends about 60 (session_<date>_<pid>/sockets/...).
@@ -55,7 +56,7 @@ def init_ray(cfg: Config, run_dir: str | None = None) -> None:
     if cfg.ray.address:
         ray.init(address=cfg.ray.address, runtime_env=runtime_env, log_to_driver=True)
         return
-    local_run_dir = run_dir if run_dir and "://" not in run_dir else None
+    local_run_dir = storage.local_path(run_dir) if run_dir and storage.is_local(run_dir) else None
     temp_dir = short_temp_dir(os.path.join(local_run_dir, "ray") if local_run_dir else None)
     os.makedirs(temp_dir, exist_ok=True)
     for attempt in range(1, START_ATTEMPTS + 1):

@@ -81,13 +81,12 @@ def s3_server(tmp_path_factory):
     """A SeaweedFS S3 server (weed mini on 127.0.0.1, free ports) with bucket "dml", for the session.
 
     Sets AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_ENDPOINT_URL in os.environ (so spawned workers
-    inherit them) and storage.configure(endpoint_url=...); yields the SeaweedS3 object (`.url(prefix)`
+    inherit them, and `dml_core.storage` reads the endpoint from there); yields the SeaweedS3 object (`.url(prefix)`
     gives "s3://dml/prefix", `.endpoint_url`, `.client_env()`). Tests using it should be marked slow.
     """
     import subprocess
 
-    from dml_core.data import storage
-    from dml_core.data.s3_server import SeaweedS3, find_weed
+    from infra.seaweedfs import SeaweedS3, find_weed
 
     weed = find_weed()
     try:
@@ -98,18 +97,14 @@ def s3_server(tmp_path_factory):
     saved = {k: os.environ.get(k) for k in server.client_env()}
     try:
         os.environ.update(server.client_env())
-        storage.configure(endpoint_url=server.endpoint_url)
         yield server
     finally:
-        try:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
-            storage.configure()
-        finally:
-            server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        server.stop()
 
 
 # ---------------------------------------------------------------- Ray cluster -----------------
@@ -243,8 +238,13 @@ FMNIST_TINY = {"max_per_class": 40, "seed": 0, "eval_class_fraction": 0.5, "gall
                "max_shard_samples": 50}
 
 
+def _dataset_fixture(manifest, root: str) -> dict:
+    """What the dataset fixtures yield: the `Manifest` and, for configs, where it lives."""
+    return {"root": root, "name": manifest.name, "version": manifest.version, "manifest": manifest,
+            "url": manifest.url}
+
+
 def _shard_fmnist_tiny(root: str) -> dict:
-    from dml_core.data.manifest import dataset_url
     from dml_core.data.sharding import shard_dataset
     from dml_core.data.sources import fashion_mnist
     from dml_core.data.sources.idx import FASHION_MNIST_DIR
@@ -255,8 +255,7 @@ def _shard_fmnist_tiny(root: str) -> dict:
     m = shard_dataset(fashion_mnist(subsets=("train",), max_per_class=p["max_per_class"]), root, "fmnist-tiny",
                       seed=p["seed"], eval_class_fraction=p["eval_class_fraction"],
                       gallery_fraction=p["gallery_fraction"], max_shard_samples=p["max_shard_samples"])
-    return {"root": root, "name": "fmnist-tiny", "version": m["version"], "manifest": m,
-            "url": dataset_url(root, "fmnist-tiny", m["version"])}
+    return _dataset_fixture(m, root)
 
 
 @pytest.fixture(scope="session")
@@ -264,7 +263,8 @@ def fmnist_shards(tmp_path_factory):
     """400 Fashion-MNIST training images (first 40 per class) sharded on local disk, once per session.
 
     5 train classes (200 samples, 4 shards), 5 eval classes split into eval/queries (100, 2 shards) and
-    gallery (100, 2 shards); 28x28 grayscale PNG. Yields {"root", "name", "version", "manifest", "url"}.
+    gallery (100, 2 shards); 28x28 grayscale PNG. Yields {"root", "name", "version", "url", "manifest"}
+    with the `dml_core.data.manifest.Manifest` under "manifest" (its `url` is "url").
     """
     return _shard_fmnist_tiny(str(tmp_path_factory.mktemp("fmnist-shards")))
 
@@ -283,8 +283,7 @@ FONT_GLYPHS_TINY = {"image_size": 24, "seed": 0, "eval_class_fraction": 0.2, "ga
 def font_glyph_shards(tmp_path_factory):
     """Every font-glyph class (642 with Debian 12's fonts) at 24x24, sharded on local disk once per session
     (~30 s): 514 training classes (~28k images), 128 evaluation classes split into eval/gallery halves.
-    Yields {"root", "name", "version", "manifest", "url"}."""
-    from dml_core.data.manifest import dataset_url
+    Yields {"root", "name", "version", "url", "manifest"} as `fmnist_shards` does."""
     from dml_core.data.sharding import shard_dataset
     from dml_core.data.sources import FontGlyphSource
     from dml_core.data.sources.font_glyphs import find_fonts
@@ -295,5 +294,4 @@ def font_glyph_shards(tmp_path_factory):
     m = shard_dataset(FontGlyphSource(image_size=p["image_size"], seed=p["seed"]), root, "font-glyphs",
                       seed=p["seed"], eval_class_fraction=p["eval_class_fraction"],
                       gallery_fraction=p["gallery_fraction"], max_shard_samples=p["max_shard_samples"])
-    return {"root": root, "name": "font-glyphs", "version": m["version"], "manifest": m,
-            "url": dataset_url(root, "font-glyphs", m["version"])}
+    return _dataset_fixture(m, root)

@@ -1,4 +1,4 @@
-"""Safe decoding of one WebDataset sample (see notes/SHARD_FORMAT.md): images via Pillow, `.npy` without
+"""Safe decoding of one WebDataset sample (members as in layout.py): images via Pillow, `.npy` without
 pickle, `.cls` and `.json` as text. Nothing from a shard is ever unpickled.
 """
 from __future__ import annotations
@@ -11,10 +11,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-IMAGE_EXTENSIONS = ("png", "jpg", "jpeg")
-KNOWN_EXTENSIONS = (*IMAGE_EXTENSIONS, "npy", "cls", "json")
+from dml_core.data.layout import DATA_MEMBERS, IMAGE_MEMBERS, SAMPLE_MEMBERS
+
 # Members that could only be read by unpickling: always refused, whatever `strict` says.
-PICKLE_EXTENSIONS = ("pickle", "pkl", "pyd", "pth", "pt", "pck", "torch", "joblib")
+PICKLE_MEMBERS = ("pickle", "pkl", "pyd", "pth", "pt", "pck", "torch", "joblib")
 _GRAYSCALE_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
 
 
@@ -40,10 +40,10 @@ def check_extensions(sample: dict, strict: bool = False) -> None:
         if ext.startswith("__"):
             continue
         last = ext.lower().rsplit(".", 1)[-1]
-        if last in PICKLE_EXTENSIONS:
+        if last in PICKLE_MEMBERS:
             raise SampleDecodeError(f"{_where(sample)}: member '.{ext}' needs unpickling, which is refused")
-        if strict and ext.lower() not in KNOWN_EXTENSIONS:
-            raise SampleDecodeError(f"{_where(sample)}: unknown member '.{ext}' (known: {KNOWN_EXTENSIONS})")
+        if strict and ext.lower() not in SAMPLE_MEMBERS:
+            raise SampleDecodeError(f"{_where(sample)}: unknown member '.{ext}' (known: {SAMPLE_MEMBERS})")
 
 
 def decode_label(sample: dict) -> int:
@@ -152,9 +152,9 @@ def decode_sample(sample: dict, image_size: int | None = None, channels: int | N
     if "label" in meta and meta["label"] != label:
         raise SampleDecodeError(f"{_where(sample)}: '.cls' label {label} != json label {meta['label']}")
     sid = decode_id(sample, meta)
-    images = [e for e in IMAGE_EXTENSIONS if e in sample]
+    images = [e for e in IMAGE_MEMBERS if e in sample]
     if len(images) + ("npy" in sample) != 1:
-        raise SampleDecodeError(f"{_where(sample)}: needs exactly one of .png/.jpg/.jpeg/.npy, "
+        raise SampleDecodeError(f"{_where(sample)}: needs exactly one of {'/'.join('.' + e for e in DATA_MEMBERS)}, "
                                 f"has {sorted(k for k in sample if not k.startswith('__'))}")
     if "npy" in sample:
         image = decode_npy(sample["npy"], where=_where(sample))

@@ -15,10 +15,9 @@ from typing import Iterable, Iterator
 
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from dml_core.data.manifest import read_manifest
+from dml_core.data.manifest import Manifest
 from dml_core.data.shard_stream import (Batch, ErrorLog, check_on_error, check_rank, collate, decoder,
-                                        iter_samples, merge_errors,
-                                        setup_storage, split_shards, worker_init)
+                                        iter_samples, merge_errors, worker_init)
 
 SPLIT_BY = ("auto", "shard", "sample")
 
@@ -36,8 +35,8 @@ class EvalStream(IterableDataset):
 
     def __init__(self, urls: Iterable[str], *, rank: int, world_size: int, batch_size: int,
                  num_workers: int, image_size: int | None = None, channels: int | None = None,
-                 on_error: str = "raise", split_by: str = "auto"):
-        self.urls = list(urls)
+                 on_error: str = "raise", split_by: str = "auto", endpoint_url: str | None = None):
+        self.urls, self.endpoint_url = list(urls), endpoint_url
         check_rank(rank, world_size)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -55,9 +54,10 @@ class EvalStream(IterableDataset):
         part, parts = self.rank * num_workers + worker, self.world_size * num_workers
         errors = ErrorLog()
         if self.mode == "shard":
-            samples = iter_samples(self.urls[part::parts], self.on_error, errors)
+            samples = iter_samples(self.urls[part::parts], self.on_error, errors, endpoint_url=self.endpoint_url)
         else:
-            samples = islice(iter_samples(self.urls, self.on_error, errors), part, None, parts)
+            samples = islice(iter_samples(self.urls, self.on_error, errors, endpoint_url=self.endpoint_url),
+                             part, None, parts)
         decode = decoder(self.image_size, self.channels, self.on_error, errors)
         group = []
         for s in samples:
@@ -86,15 +86,15 @@ class EvalReader:
                  num_workers: int = 2, endpoint_url: str | None = None, counts: list[int] | None = None,
                  pin_memory: bool = False, multiprocessing_context: str | None = None, **stream_kwargs):
         self.stream = EvalStream(urls, rank=rank, world_size=world_size, batch_size=batch_size,
-                                 num_workers=num_workers, **stream_kwargs)
-        self.num_workers, self.endpoint_url, self.counts = num_workers, endpoint_url, counts
+                                 num_workers=num_workers, endpoint_url=endpoint_url, **stream_kwargs)
+        self.num_workers, self.counts = num_workers, counts
         self.pin_memory, self.multiprocessing_context = pin_memory, multiprocessing_context
         self.errors = ErrorLog()
 
     @classmethod
-    def from_manifest(cls, root: str, name: str, version: str | None, splits: str | Iterable[str] = "eval",
-                      **kw) -> "EvalReader":
-        shards = split_shards(read_manifest(root, name, version), root, splits)
+    def from_manifest(cls, manifest: Manifest, splits: str | Iterable[str] = "eval", **kw) -> "EvalReader":
+        """A reader of the shards of `splits` (one name or several), knowing their sample counts."""
+        shards = manifest.shards(splits)
         return cls([u for u, _ in shards], counts=[c for _, c in shards], **kw)
 
     def rank_count(self) -> int:
@@ -106,8 +106,6 @@ class EvalReader:
 
     def __iter__(self) -> Iterator[Batch]:
         loader = DataLoader(self.stream, batch_size=None, num_workers=self.num_workers,
-                            worker_init_fn=worker_init(self.endpoint_url), pin_memory=self.pin_memory,
+                            worker_init_fn=worker_init, pin_memory=self.pin_memory,
                             multiprocessing_context=self.multiprocessing_context if self.num_workers else None)
-        if self.num_workers == 0:
-            setup_storage(self.endpoint_url)
         return merge_errors(loader, self.errors)

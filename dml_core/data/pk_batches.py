@@ -19,6 +19,8 @@ class PKBatcher:
     """Turn a stream of items into P x K batches (lists of items grouped by class).
 
     With `key_fn`, an item whose key is already buffered is dropped (counted in `stats["duplicates"]`).
+    With `num_classes` (classes in the stream with at least two items, e.g. from the manifest), a `p` no
+    batch can ever fill is refused at once instead of stalling.
     """
 
     def __init__(self, p: int, k: int, buffer_size: int | None = None, seed: int = 0,
@@ -28,7 +30,8 @@ class PKBatcher:
         if p < 1 or k < 2:
             raise ValueError(f"P x K batches need p >= 1 and k >= 2 (positives), got p={p}, k={k}")
         if num_classes is not None and p > num_classes:
-            raise ValueError(f"p={p} classes per batch, but the split has only {num_classes} classes")
+            raise ValueError(f"p={p} classes per batch, but the stream has only {num_classes} classes with at "
+                             "least 2 items; no P x K batch can ever be formed")
         if not 2 <= min_per_class <= k:
             raise ValueError(f"min_per_class must be in [2, k={k}], got {min_per_class}")
         self.p, self.k, self.min_per_class = p, k, min_per_class

@@ -1,5 +1,5 @@
-"""Pieces shared by the training and evaluation readers: shard URLs from a manifest, reading the raw
-samples of one shard with errors that name it, a seeded shuffle buffer, and the `Batch` they yield.
+"""Pieces shared by the training and evaluation readers: reading the raw samples of one shard with errors
+that name it, a seeded shuffle buffer, and the `Batch` they yield.
 """
 from __future__ import annotations
 
@@ -10,9 +10,8 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
-from dml_core.data import storage
+from dml_core import storage
 from dml_core.data.decode import DecodedSample, SampleDecodeError, decode_sample
-from dml_core.data.manifest import dataset_url, read_manifest
 
 log = logging.getLogger(__name__)
 ON_ERROR = ("raise", "skip")
@@ -44,23 +43,7 @@ def check_rank(rank: int, world_size: int) -> None:
         raise ValueError(f"rank {rank} not in [0, world_size={world_size})")
 
 
-def split_shards(manifest: dict, root: str, splits: str | Iterable[str]) -> list[tuple[str, int]]:
-    """(URL, sample count) of every shard of `splits` (one name or several), in manifest order."""
-    base = dataset_url(root, manifest["name"], manifest["version"])
-    out = []
-    for split in [splits] if isinstance(splits, str) else list(splits):
-        if split not in manifest["splits"]:
-            raise KeyError(f"split {split!r} not in manifest of {base} (has {sorted(manifest['splits'])})")
-        out += [(storage.join(base, s["name"]), int(s["count"])) for s in manifest["splits"][split]["shards"]]
-    return out
-
-
-def shard_urls(root: str, name: str, version: str | None, splits: str | Iterable[str]) -> list[str]:
-    """Full URLs of the shards of `splits`; `version` None means the newest version."""
-    return [url for url, _ in split_shards(read_manifest(root, name, version), root, splits)]
-
-
-def iter_shard(url: str) -> Iterator[dict]:
+def iter_shard(url: str, endpoint_url: str | None = None) -> Iterator[dict]:
     """Raw samples of one shard (dicts of extension -> bytes with `__key__`, `__url__`); errors name it.
 
     The stream is closed when the shard ends or the generator is closed, so no open S3 file outlives it
@@ -70,7 +53,7 @@ def iter_shard(url: str) -> Iterator[dict]:
 
     stream = None
     try:
-        stream = wds.gopen(url)
+        stream = storage.open_read(url, endpoint_url)  # never a shell `pipe:` URL: fsspec has no such scheme
         files = tar_file_expander([{"url": url, "stream": stream}], handler=wds.reraise_exception)
         yield from group_by_keys(files, handler=wds.reraise_exception)
     except Exception as exn:  # any open/read/parse error: re-raise naming the shard
@@ -98,14 +81,14 @@ class ErrorLog:
 
 
 def iter_samples(urls: Iterable[str], on_error: str = "raise", errors: ErrorLog | None = None,
-                 max_consecutive_failures: int = 50) -> Iterator[dict]:
+                 max_consecutive_failures: int = 50, endpoint_url: str | None = None) -> Iterator[dict]:
     """Raw samples of the shards in order. With `on_error="skip"` a bad shard is logged, counted in
     `errors.shards` and the stream moves on; samples read from it before the error are kept."""
     check_on_error(on_error)
     failures = 0
     for url in urls:
         try:
-            for sample in iter_shard(url):
+            for sample in iter_shard(url, endpoint_url):
                 failures = 0
                 yield sample
         except ShardReadError as exn:
@@ -182,26 +165,9 @@ def decoder(image_size: int | None, channels: int | None, on_error: str,
     return run
 
 
-def worker_init(endpoint_url: str | None = None) -> Callable[[int], None]:
-    """A DataLoader `worker_init_fn`: one thread, WebDataset's s3:// scheme (and the S3 endpoint, if given)."""
-    return _WorkerInit(endpoint_url)
-
-
-class _WorkerInit:
-    def __init__(self, endpoint_url: str | None):
-        self.endpoint_url = endpoint_url
-
-    def __call__(self, worker_id: int) -> None:
-        torch.set_num_threads(1)
-        setup_storage(self.endpoint_url)
-
-
-def setup_storage(endpoint_url: str | None = None) -> None:
-    """Make this process able to read shards: the S3 endpoint (if given) and WebDataset's s3:// scheme."""
-    if endpoint_url:
-        storage.configure(endpoint_url=endpoint_url)
-    else:
-        storage.register_webdataset_schemes()
+def worker_init(worker_id: int) -> None:
+    """A DataLoader `worker_init_fn`: one compute thread per loader worker."""
+    torch.set_num_threads(1)
 
 
 def merge_errors(batches: Iterable[Batch], into: ErrorLog) -> Iterator[Batch]:

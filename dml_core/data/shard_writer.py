@@ -12,7 +12,9 @@ import tarfile
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from dml_core.data import storage
+from dml_core import storage
+from dml_core.data.layout import shard_name
+from dml_core.data.manifest import ShardInfo
 from dml_core.data.sources.base import ItemError
 
 BLOCK = tarfile.BLOCKSIZE
@@ -88,7 +90,7 @@ class ShardWriter:
         if max_bytes <= TAR_OVERHEAD or max_samples < 1:
             raise ValueError(f"max_shard_bytes must exceed {TAR_OVERHEAD} and max_shard_samples be >= 1")
         self.dir_url, self.split, self.max_bytes, self.max_samples = dir_url, split, max_bytes, max_samples
-        self.shards: list[dict] = []
+        self.shards: list[ShardInfo] = []
         self._open = None
 
     def add(self, members: dict[str, bytes]) -> None:
@@ -105,7 +107,7 @@ class ShardWriter:
         self._count += 1
 
     def _start(self) -> None:
-        name = f"{self.split}-{len(self.shards):06d}.tar"
+        name = shard_name(self.split, len(self.shards))
         self._open = storage.open_write_atomic(storage.join(self.dir_url, name))
         self._hw = _HashingWriter(self._open.__enter__())
         self._tar = tarfile.open(fileobj=self._hw, mode="w|", format=tarfile.USTAR_FORMAT)
@@ -114,12 +116,11 @@ class ShardWriter:
     def _close(self) -> None:
         self._tar.close()
         self._open.__exit__(None, None, None)
-        self.shards.append({"name": self._name, "count": self._count, "bytes": self._hw.bytes,
-                            "sha256": self._hw.sha.hexdigest()})
+        self.shards.append(ShardInfo(self._name, self._count, self._hw.bytes, self._hw.sha.hexdigest()))
         self._open = None
 
-    def close(self) -> list[dict]:
-        """Commit the last shard; return [{"name", "count", "bytes", "sha256"}, ...]."""
+    def close(self) -> list[ShardInfo]:
+        """Commit the last shard; return every shard written, in order."""
         if self._open:
             self._close()
         return self.shards

@@ -1,4 +1,4 @@
-"""Turn a source into a versioned WebDataset dataset (notes/SHARD_FORMAT.md), idempotently.
+"""Turn a source into a versioned WebDataset dataset (the layout in DESIGN.md), idempotently.
 
 `shard_dataset` lists the source, splits classes open-world, writes each split's shards (each one
 atomically), and writes manifest.json last. The version is the first 12 hex digits of the dataset
@@ -10,13 +10,14 @@ Two writers of the same dataset version at the same time are not supported (run 
 from __future__ import annotations
 
 import datetime
-import hashlib
 import logging
 import re
 from typing import Callable
 
-from dml_core.data import storage
-from dml_core.data.manifest import SHARD_NAME, SPLITS, dataset_url, read_manifest, write_manifest, ManifestError
+from dml_core import storage
+from dml_core.data.layout import MANIFEST_FILE, SHARD_NAME, SPLITS, dataset_url
+from dml_core.data.manifest import Manifest, ManifestError, ManifestMissing, SkippedItem, SplitInfo
+from dml_core.data.shard_check import check_level
 from dml_core.data.shard_writer import ShardWriter, encode_payload, sample_members
 from dml_core.data.sources.base import ItemError, ItemRef, Source, SourceError, sha256_json
 from dml_core.data.splits import assign_splits, label_map, shard_order, split_classes
@@ -34,17 +35,16 @@ class ShardingError(ValueError):
 def shard_dataset(source: Source, root: str, name: str, *, seed: int = 0, eval_class_fraction: float = 0.5,
                   gallery_fraction: float = 0.5, on_error: str = "raise", max_shard_bytes: int = 64 << 20,
                   max_shard_samples: int = 10_000, verify: str = "size", progress: Progress | None = None,
-                  log_every: int = 5000) -> dict:
-    """Shard `source` under `<root>/datasets/<name>/<version>/` and return the manifest dict.
+                  log_every: int = 5000) -> Manifest:
+    """Shard `source` under `<root>/datasets/<name>/<version>/` and return its manifest.
 
     on_error: "raise" stops at the first bad item naming it; "skip" leaves bad items out and lists them
-    in the manifest's "skipped". verify: how an existing dataset is checked before it is reused, "size"
-    (shards exist with the recorded sizes) or "sha256" (also re-hash every shard).
+    in the manifest's `skipped`. verify: how an existing dataset is checked before it is reused, "size"
+    (shards exist with the recorded sizes), "sha256" (also re-hash every shard) or "full" (also parse them).
     """
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-    if verify not in ("size", "sha256"):
-        raise ValueError(f"verify must be 'size' or 'sha256', got {verify!r}")
+    check_level(verify)
     params = {"seed": seed, "eval_class_fraction": eval_class_fraction, "gallery_fraction": gallery_fraction,
               "max_shard_bytes": max_shard_bytes, "max_shard_samples": max_shard_samples}
     source_fp = source.fingerprint()
@@ -58,51 +58,41 @@ def shard_dataset(source: Source, root: str, name: str, *, seed: int = 0, eval_c
 
     _remove_leftovers(out, keep=(), stale_manifest=True)
     items = source.list_items()
-    skipped: list[dict] = []
+    skipped: list[SkippedItem] = []
     plan = _plan(items, skipped, on_error, seed, eval_class_fraction, gallery_fraction)
     splits = {}
     for split in SPLITS:
         splits[split] = _write_split(source, out, split, plan, skipped, on_error, max_shard_bytes,
                                      max_shard_samples, progress, log_every)
-    _remove_leftovers(out, keep={s["name"] for sp in splits.values() for s in sp["shards"]})
-    manifest = {"name": name, "version": version, "fingerprint": fingerprint, "source_fingerprint": source_fp,
-                "source": source.describe(), "seed": seed, "params": params,
-                "num_classes": len(plan["class_names"]), "num_train_classes": plan["num_train_classes"],
-                "class_names": plan["class_names"], "splits": splits,
-                "skipped": {"count": len(skipped), "items": skipped},
-                "created": datetime.datetime.now(datetime.timezone.utc).isoformat()}
-    write_manifest(root, name, version, manifest)
+    _remove_leftovers(out, keep={s.name for sp in splits.values() for s in sp.shards})
+    manifest = Manifest(name=name, version=version, fingerprint=fingerprint, source_fingerprint=source_fp,
+                        source=source.describe(), seed=seed, params=params, num_classes=len(plan["class_names"]),
+                        num_train_classes=plan["num_train_classes"], class_names=plan["class_names"],
+                        splits=splits, skipped=skipped, url=out,
+                        created=datetime.datetime.now(datetime.timezone.utc).isoformat())
+    manifest.write()
     log.info("dataset %s version %s written to %s: %s samples, %d skipped", name, version, out,
-             {s: splits[s]["count"] for s in SPLITS}, len(skipped))
+             {s: splits[s].count for s in SPLITS}, len(skipped))
     return manifest
 
 
-def _existing(root: str, name: str, version: str, fingerprint: str, verify: str) -> dict | None:
+def _existing(root: str, name: str, version: str, fingerprint: str, verify: str) -> Manifest | None:
     """The existing manifest if it matches `fingerprint` and its shards check out, else None."""
     try:
-        m = read_manifest(root, name, version)
-    except ManifestError as e:
-        if "not found" not in str(e):
-            log.warning("existing manifest unusable, rewriting the dataset: %s", e)
+        m = Manifest.read(root, name, version)
+    except ManifestMissing:
         return None
-    if m["fingerprint"] != fingerprint:
+    except ManifestError as e:
+        log.warning("existing manifest unusable, rewriting the dataset: %s", e)
+        return None
+    if m.fingerprint != fingerprint:
         log.warning("manifest for %s/%s has another fingerprint; rewriting the dataset", name, version)
         return None
-    fs, path = storage.filesystem(dataset_url(root, name, version))
-    fs.invalidate_cache()
-    for split in SPLITS:
-        for shard in m["splits"][split]["shards"]:
-            p = f"{path}/{shard['name']}"
-            try:
-                ok = fs.info(p)["size"] == shard["bytes"]
-                if ok and verify == "sha256":
-                    ok = hashlib.sha256(fs.cat_file(p)).hexdigest() == shard["sha256"]
-            except FileNotFoundError:
-                ok = False
-            if not ok:
-                log.warning("shard %s missing or changed; rewriting the dataset", p)
-                return None
-    return m
+    try:
+        return m.verify(verify)
+    except ManifestError as e:
+        log.warning("%s; rewriting the dataset", e)
+        return None
 
 
 def _remove_leftovers(dir_url: str, keep, stale_manifest: bool = False) -> None:
@@ -112,9 +102,9 @@ def _remove_leftovers(dir_url: str, keep, stale_manifest: bool = False) -> None:
     fs.invalidate_cache()
     if not fs.exists(path):
         return
-    if stale_manifest and fs.exists(f"{path}/manifest.json"):
-        log.info("removing stale manifest %s/manifest.json", path)
-        fs.rm(f"{path}/manifest.json")
+    if stale_manifest and fs.exists(f"{path}/{MANIFEST_FILE}"):
+        log.info("removing stale manifest %s/%s", path, MANIFEST_FILE)
+        fs.rm(f"{path}/{MANIFEST_FILE}")
     for p in fs.ls(path, detail=False):
         base = p.rstrip("/").rsplit("/", 1)[-1]
         if TMP_NAME.search(base) or (SHARD_NAME.match(base) and base not in keep):
@@ -126,7 +116,7 @@ def _reject(item: ItemRef, reason: str, skipped: list, on_error: str) -> None:
     if on_error == "raise":
         raise ShardingError(f"bad item {item.ref}: {reason} (use on_error='skip' to skip and record bad items)")
     log.warning("skipping %s: %s", item.ref, reason)
-    skipped.append({"source": item.ref, "reason": reason})
+    skipped.append(SkippedItem(item.ref, reason))
 
 
 def _plan(items: list[ItemRef], skipped: list, on_error: str, seed: int, eval_class_fraction: float,
@@ -162,10 +152,11 @@ def _plan(items: list[ItemRef], skipped: list, on_error: str, seed: int, eval_cl
 
 
 def _write_split(source: Source, out: str, split: str, plan: dict, skipped: list, on_error: str,
-                 max_bytes: int, max_samples: int, progress: Progress | None, log_every: int) -> dict:
+                 max_bytes: int, max_samples: int, progress: Progress | None, log_every: int) -> SplitInfo:
     ids = shard_order([i for i, s in plan["split_of"].items() if s == split], plan["seed"], split)
     writer = ShardWriter(out, split, max_bytes, max_samples)
-    classes: dict[str, int] = {}
+    classes: dict[int, int] = {}
+    lo, hi = None, 0  # the range of the ids written (items that fail to load leave gaps)
     try:
         for done, sample_id in enumerate(ids, start=1):
             item = plan["items"][sample_id]
@@ -176,7 +167,8 @@ def _write_split(source: Source, out: str, split: str, plan: dict, skipped: list
                 continue
             label = plan["labels"][item.class_name]
             writer.add(sample_members(sample_id, label, item.class_name, split, item.ref, ext, payload))
-            classes[str(label)] = classes.get(str(label), 0) + 1
+            classes[label] = classes.get(label, 0) + 1
+            lo, hi = (sample_id if lo is None else min(lo, sample_id)), max(hi, sample_id + 1)
             if progress:
                 progress(split, done, len(ids))
             if log_every and done % log_every == 0:
@@ -185,5 +177,5 @@ def _write_split(source: Source, out: str, split: str, plan: dict, skipped: list
     except BaseException:
         writer.abort()
         raise
-    return {"count": sum(classes.values()), "classes": dict(sorted(classes.items(), key=lambda kv: int(kv[0]))),
-            "shards": shards}
+    return SplitInfo(count=sum(classes.values()), classes=dict(sorted(classes.items())), shards=shards,
+                     id_range=(lo, hi) if lo is not None else (0, 0))

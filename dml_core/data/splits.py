@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-SPLITS = ("train", "eval", "gallery")
+from dml_core.data.layout import SPLITS
 
 
 def split_classes(class_names: list[str], eval_class_fraction: float, seed: int) -> tuple[list[str], list[str]]:

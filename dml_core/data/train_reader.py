@@ -15,11 +15,10 @@ from typing import Iterable, Iterator
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dml_core.data.decode import SampleDecodeError, check_extensions, decode_label
-from dml_core.data.manifest import read_manifest
+from dml_core.data.manifest import Manifest
 from dml_core.data.pk_batches import PKBatcher
 from dml_core.data.shard_stream import (Batch, ErrorLog, check_on_error, check_rank, collate, decoder,
-                                        iter_samples, merge_errors,
-                                        setup_storage, shuffled, split_shards, worker_init)
+                                        iter_samples, merge_errors, shuffled, worker_init)
 
 MODES = ("supervised", "self_supervised")
 
@@ -44,14 +43,17 @@ def resampled(urls: list[str], rng: random.Random) -> Iterator[str]:
 
 
 class TrainStream(IterableDataset):
-    """The per-worker pipeline: shards -> samples -> shuffle buffer -> batches (-> decoded `Batch`)."""
+    """The per-worker pipeline: shards -> samples -> shuffle buffer -> batches (-> decoded `Batch`).
+
+    `num_classes`: classes in the shards with at least two samples (the manifest knows), so a `p` that
+    no batch can fill is refused when the stream is built."""
 
     def __init__(self, urls: Iterable[str], *, rank: int, world_size: int, steps: int,
                  mode: str = "supervised", p: int | None = None, k: int | None = None,
                  batch_size: int | None = None, shuffle_buffer: int = 1000, pk_buffer: int | None = None,
                  image_size: int | None = None, channels: int | None = None, seed: int = 0,
-                 on_error: str = "raise"):
-        self.urls = list(urls)
+                 on_error: str = "raise", endpoint_url: str | None = None, num_classes: int | None = None):
+        self.urls, self.endpoint_url = list(urls), endpoint_url
         if not self.urls:
             raise ValueError("no training shards")
         check_rank(rank, world_size)
@@ -59,8 +61,10 @@ class TrainStream(IterableDataset):
             raise ValueError(f"steps must be >= 1, got {steps}")
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if mode == "supervised" and (p is None or k is None):
-            raise ValueError("supervised mode needs p (classes per batch) and k (items per class)")
+        if mode == "supervised":
+            if p is None or k is None:
+                raise ValueError("supervised mode needs p (classes per batch) and k (items per class)")
+            PKBatcher(p, k, buffer_size=pk_buffer, num_classes=num_classes)  # its checks, here, not in a worker
         if mode == "self_supervised" and (batch_size is None or batch_size < 1):
             raise ValueError("self_supervised mode needs batch_size >= 1")
         check_on_error(on_error)
@@ -88,7 +92,8 @@ class TrainStream(IterableDataset):
         n = worker_steps(self.steps, worker, num_workers)
         rng = part_rng(self.seed, self.epoch, self.rank, worker)
         errors = ErrorLog()
-        samples = iter_samples(resampled(self.part_urls(worker, num_workers), rng), self.on_error, errors)
+        samples = iter_samples(resampled(self.part_urls(worker, num_workers), rng), self.on_error, errors,
+                               endpoint_url=self.endpoint_url)
         samples = shuffled(samples, self.shuffle_buffer, rng)
         decode = decoder(self.image_size, self.channels, self.on_error, errors)
         made = 0
@@ -136,22 +141,21 @@ class TrainReader:
     def __init__(self, urls: Iterable[str], *, rank: int, world_size: int, steps: int, num_workers: int = 2,
                  endpoint_url: str | None = None, pin_memory: bool = False,
                  multiprocessing_context: str | None = None, **stream_kwargs):
-        self.stream = TrainStream(urls, rank=rank, world_size=world_size, steps=steps, **stream_kwargs)
-        self.num_workers, self.endpoint_url = num_workers, endpoint_url
+        self.stream = TrainStream(urls, rank=rank, world_size=world_size, steps=steps, endpoint_url=endpoint_url,
+                                  **stream_kwargs)
+        self.num_workers = num_workers
         self.pin_memory, self.multiprocessing_context = pin_memory, multiprocessing_context
         self.errors = ErrorLog()
         self._next_epoch = 0
 
     @classmethod
-    def from_manifest(cls, root: str, name: str, version: str | None, split: str = "train",
-                      **kw) -> "TrainReader":
-        manifest = read_manifest(root, name, version)
-        if kw.get("mode", "supervised") == "supervised" and kw.get("p") is not None:
-            usable = sum(1 for n in manifest["splits"][split]["classes"].values() if n >= 2)
-            if kw["p"] > usable:
-                raise ValueError(f"p={kw['p']} classes per batch, but split {split!r} of {name} has only "
-                                 f"{usable} classes with at least 2 samples")
-        return cls([url for url, _ in split_shards(manifest, root, split)], **kw)
+    def from_manifest(cls, manifest: Manifest, split: str = "train", **kw) -> "TrainReader":
+        """A reader of `split`'s shards; in supervised mode a `p` the split can never fill fails here."""
+        info = manifest.split(split)
+        try:
+            return cls(manifest.shard_urls(split), num_classes=info.classes_with_at_least(2), **kw)
+        except ValueError as e:
+            raise ValueError(f"{e} (split {split!r} of {manifest.url})") from e
 
     def __len__(self) -> int:
         return self.stream.steps
@@ -160,10 +164,8 @@ class TrainReader:
         self.stream.set_epoch(epoch)
         self._next_epoch = epoch + 1
         loader = DataLoader(self.stream, batch_size=None, num_workers=self.num_workers,
-                            worker_init_fn=worker_init(self.endpoint_url), pin_memory=self.pin_memory,
+                            worker_init_fn=worker_init, pin_memory=self.pin_memory,
                             multiprocessing_context=self.multiprocessing_context if self.num_workers else None)
-        if self.num_workers == 0:
-            setup_storage(self.endpoint_url)
         return merge_errors(loader, self.errors)
 
     def __iter__(self) -> Iterator[Batch]:

@@ -23,44 +23,33 @@ import math
 
 import torch
 
-from dml_core.checks import check_embeddings, l2_normalize
-from dml_core.distributed import ddp_scale, gather_no_grad, gather_with_grad, local_slice
+from dml_core.distributed import ddp_scale
 from dml_core.losses.base import EmbeddingLoss
+from dml_core.losses.batch import EmbeddingBatch
 
 
-def _pair_masks(labels_local, labels_all, offset):
-    same = labels_local[:, None] == labels_all[None, :]
-    not_self = torch.ones_like(same)
-    rows = torch.arange(labels_local.shape[0], device=same.device)
-    not_self[rows, rows + offset] = False
-    return same & not_self, ~same
-
-
-def _rows(zn_local, zn_all, labels_local, labels_all, offset, tau):
-    """Per-row positive term `-mean_p s_ip / tau`, `log Zhat_i` and the row masks (has_pos, has_neg)."""
-    s = (zn_local @ zn_all.T) / tau
-    pos, neg = _pair_masks(labels_local, labels_all, offset)
-    n_pos, n_neg = pos.sum(1), neg.sum(1)
+def _rows(batch: EmbeddingBatch, tau: float):
+    """Per anchor: the positive term `-mean_p s_ip / tau` and `log Zhat_i` (0 where undefined)."""
+    s = (batch.q @ batch.k.T) / tau
+    neg, has_neg = ~batch.same, batch.has_neg_q
+    n_neg = batch.k.shape[0] - batch.n_pos_q - 1
     zero = s.new_zeros(())
-    pos_term = -torch.where(pos, s, zero).sum(1) / n_pos.clamp(min=1)
+    pos_term = -torch.where(batch.positive, s, zero).sum(1) / batch.n_pos_q.clamp(min=1)
     # rows without a negative keep their finite logits so logsumexp's backward stays finite (then masked)
-    masked = torch.where(neg | (n_neg == 0)[:, None], s, torch.full_like(s, -math.inf))
+    masked = torch.where(neg | ~has_neg[:, None], s, torch.full_like(s, -math.inf))
     log_zhat = torch.logsumexp(masked, dim=1) - torch.log(n_neg.clamp(min=1).to(s.dtype))
-    log_zhat = torch.where(n_neg > 0, log_zhat, zero)
-    return pos_term, log_zhat, n_pos > 0, n_neg > 0
+    return pos_term, torch.where(has_neg, log_zhat, zero)
 
 
 def decomposable_loss(z, labels, u, tau: float = 0.1) -> torch.Tensor:
     """M-step value on one process for given u: mean over anchors with a positive and a negative of
     `-mean_p s_ip / tau + u_i * Zhat_i` (z L2-normalised here, u one positive value per row)."""
-    z, labels, u = torch.as_tensor(z), torch.as_tensor(labels), torch.as_tensor(u)
-    check_embeddings(z, labels)
+    batch = EmbeddingBatch.local(torch.as_tensor(z), torch.as_tensor(labels))
+    z, u = batch.q, torch.as_tensor(u)
     if u.shape != (z.shape[0],):
         raise ValueError(f"u must hold one value per row of z: shape {tuple(u.shape)} for {z.shape[0]} rows")
-    zn = l2_normalize(z)
-    labels = labels.to(z.device)
-    pos_term, log_zhat, has_pos, has_neg = _rows(zn, zn, labels, labels, 0, tau)
-    valid = has_pos & has_neg
+    pos_term, log_zhat = _rows(batch, tau)
+    valid = (batch.n_pos_q > 0) & batch.has_neg_q
     if not bool(valid.any()):
         raise ValueError("no anchor in the batch has both a positive (same label) and a negative")
     rows = pos_term + torch.exp(torch.log(u.to(z.device, z.dtype)) + log_zhat)
@@ -93,14 +82,9 @@ class DecomposableLoss(EmbeddingLoss):
         self.register_buffer("seen", torch.zeros(self.num_samples, dtype=torch.bool))
         self.register_buffer("step", torch.zeros((), dtype=torch.int64))
 
-    def _check_ids(self, ids, n):
+    def _check_ids(self, ids: torch.Tensor | None) -> None:
         if ids is None:
             raise ValueError("DecomposableLoss needs the stable sample ids: call loss(z, labels, ids)")
-        if not isinstance(ids, torch.Tensor) or ids.dim() != 1 or ids.shape[0] != n:
-            shape = tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
-            raise ValueError(f"ids must be a 1-D tensor with one id per row of z: got {shape} for {n} rows")
-        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
-            raise ValueError(f"ids must be integers, got {ids.dtype}")
         bad = (ids < 0) | (ids >= self.num_samples)
         if bool(bad.any()):
             raise ValueError(f"ids out of range [0, {self.num_samples}): {ids[bad][:5].tolist()} (first 5 shown)")
@@ -134,32 +118,19 @@ class DecomposableLoss(EmbeddingLoss):
                               u_mean=float(torch.exp(log_u[upd]).mean()))
         return log_u[inverse].to(ids_all.device)
 
-    def forward(self, z: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
-        check_embeddings(z, labels)
-        self._check_ids(ids, z.shape[0])
-        labels, ids = labels.to(z.device), ids.to(z.device)
-        zn = l2_normalize(z)
-        zn_all = gather_with_grad(zn)
-        labels_all, ids_all = gather_no_grad(labels), gather_no_grad(ids)
-        part = local_slice(zn.shape[0])
-        pos_term, log_zhat, has_pos, has_neg = _rows(zn, zn_all, labels, labels_all, part.start, self.tau)
-        log_zhat_all = gather_no_grad(log_zhat.detach())
-        has_pos_all, has_neg_all = _global_masks(labels_all)
+    def compute(self, batch: EmbeddingBatch) -> torch.Tensor:
+        self._check_ids(batch.ids_k)  # the global ids: every rank raises alike
+        pos_term, log_zhat = _rows(batch, self.tau)
+        has_pos_all, has_neg_all = batch.has_pos_k, batch.has_neg_k
         n_rows = int((has_pos_all & has_neg_all).sum())
         if n_rows == 0:
             raise ValueError("no anchor in the global batch has both a positive (same label) and a negative; "
                              "check the labels (supervised) or the pair ids (self-supervised)")
         self.stats = {"anchors": float(n_rows)}
-        log_u_all = self._e_step(ids_all, torch.exp(log_zhat_all.double()), has_neg_all)
-        valid = has_pos & has_neg
+        log_zhat_all = batch.gather_rows(log_zhat)  # the one extra all-gather: every rank's Zhat for the E-step
+        log_u_all = self._e_step(batch.ids_k, torch.exp(log_zhat_all.double()), has_neg_all)
+        valid = (has_pos_all & has_neg_all)[batch.anchors]
         # rows left out must not carry inf (an unseen id with no negative) into backward as 0 * inf
-        log_u = torch.where(valid, log_u_all[part], 0.0).to(z.dtype)
+        log_u = torch.where(valid, log_u_all[batch.anchors], 0.0).to(batch.q.dtype)
         rows = pos_term + torch.exp(log_u + log_zhat)
-        return torch.where(valid, rows, rows.new_zeros(())).sum() * ddp_scale(n_rows)
-
-
-def _global_masks(labels_all: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Which global-batch items have a positive / a negative, in O(B) memory."""
-    _, inverse, counts = torch.unique(labels_all, return_inverse=True, return_counts=True)
-    per_item = counts[inverse]
-    return per_item > 1, per_item < labels_all.shape[0]
+        return torch.where(valid, rows, rows.new_zeros(())).sum() * ddp_scale(n_rows, batch.world)

@@ -19,6 +19,8 @@ import math
 
 import torch
 
+from dml_core.losses.batch import class_index
+
 # Above this bound on |logit| the unshifted exp(logit) could overflow or underflow the compute dtype,
 # and each tile subtracts its rows' maxima first (one more pass). Unit rows give |logit| <= 1/tau.
 _NO_SHIFT_LIMIT = {torch.float32: 60.0, torch.float64: 600.0}
@@ -27,17 +29,6 @@ _NO_SHIFT_LIMIT = {torch.float32: 60.0, torch.float64: 600.0}
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """float32 for half precision inputs (bf16/fp16 tile math loses too much); the input dtype otherwise."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
-def positive_counts(labels_q: torch.Tensor, labels_k: torch.Tensor):
-    """Class index of every anchor and key, and each anchor's number of positives (self excluded).
-
-    Assumes anchor `i` is key `offset + i`, so its own label is counted once among the keys.
-    """
-    uniq, inverse = torch.unique(torch.cat([labels_k, labels_q]), return_inverse=True)
-    inv_k, inv_q = inverse[: labels_k.shape[0]], inverse[labels_k.shape[0]:]
-    counts = torch.bincount(inv_k, minlength=uniq.shape[0])
-    return inv_q, inv_k, counts[inv_q] - 1, uniq.shape[0]
 
 
 class _Tiles:
@@ -80,8 +71,9 @@ def _no_shift_ok(qc: torch.Tensor, kc: torch.Tensor, tau: float) -> bool:
 def _positives(qs, kc, offset: int, labels_q, labels_k):
     """What the positive term needs, from per-class key sums: (inv_q, inv_k, n_pos, class_sums, pos) with
     pos_i = q_i . (sum of keys of its class - its own key) / tau, the sum of anchor i's positive logits."""
-    inv_q, inv_k, n_pos, num_classes = positive_counts(labels_q, labels_k)
-    class_sums = torch.zeros(num_classes, kc.shape[1], dtype=kc.dtype, device=kc.device).index_add_(0, inv_k, kc)
+    inv_q, inv_k, sizes = class_index(labels_q, labels_k)
+    n_pos = sizes[inv_q] - 1  # anchor i is key offset + i: its own label is counted once among the keys
+    class_sums = torch.zeros(sizes.shape[0], kc.shape[1], dtype=kc.dtype, device=kc.device).index_add_(0, inv_k, kc)
     pos = (qs * class_sums[inv_q]).sum(1) - (qs * kc[offset: offset + qs.shape[0]]).sum(1)
     return inv_q, inv_k, n_pos, class_sums, pos
 

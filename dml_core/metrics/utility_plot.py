@@ -56,7 +56,7 @@ def utility_plot_png(result: OpisResult, title: str | None = None, max_classes: 
 
 def save_utility_plot(result: OpisResult, url: str, **kwargs) -> str:
     """Write the PNG atomically to a local path or s3:// URL; returns the URL."""
-    from dml_core.data.storage import write_bytes_atomic
+    from dml_core.storage import write_bytes_atomic
 
     write_bytes_atomic(url, utility_plot_png(result, **kwargs))
     return url

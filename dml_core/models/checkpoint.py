@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from dml_core.data import storage
+from dml_core import storage
 from dml_core.models.head import EmbeddingModel
 from dml_core.models.registry import build_model
 

@@ -1,64 +1,33 @@
-"""Old-model class prototypes for BCT (METHODS.md 3): the OLD model embeds the training set and each class
-gets the L2-normalised mean of its old embeddings (also classes the old model never trained on)."""
+"""BCT's old-model class prototypes for a run (METHODS.md 3): the OLD model embeds the training split,
+each rank its share, and each class gets the L2-normalised mean of its old embeddings. The maths is
+`dml_core.losses.bct`'s; this module only feeds it a split and adds the per-rank sums up."""
 from __future__ import annotations
 
-from typing import Iterable
+from typing import TYPE_CHECKING
 
 import torch
+import torch.distributed as dist
 
-from dml_core.data import storage
-from dml_core.training.embed import embed_batches
-from dml_core.training.state import MODEL_FILE
+from dml_core.losses.bct import prototype_sums, prototypes_from_sums
+from dml_core.training.embed import embed_split
 
-
-def old_model_url(old_checkpoint: str) -> str:
-    """The model file of an old checkpoint given as its directory or as the file itself."""
-    return old_checkpoint if old_checkpoint.endswith(".pt") else storage.join(old_checkpoint, MODEL_FILE)
-
-
-def load_old_model(old_checkpoint: str):
-    from dml_core.models.checkpoint import load_model
-
-    url = old_model_url(old_checkpoint)
-    if not storage.exists(url):
-        raise FileNotFoundError(f"loss.bct.old_checkpoint: no model file at {url}")
-    return load_model(url)
+if TYPE_CHECKING:
+    from dml_core.config import Config
+    from dml_core.data.manifest import Manifest
 
 
-def old_embedding_dim(old_checkpoint: str) -> int:
-    """The old model's embedding dimension, read from its checkpoint spec (no model built)."""
-    from dml_core.models.checkpoint import read_checkpoint
-
-    url = old_model_url(old_checkpoint)
-    if not storage.exists(url):
-        raise FileNotFoundError(f"loss.bct.old_checkpoint: no model file at {url}")
-    return int(read_checkpoint(url)["spec"]["embedding_dim"])
-
-
-def prototype_sums(model: torch.nn.Module, batches: Iterable, num_classes: int,
-                   device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-class sums of the L2-normalised embeddings of `model` over `batches`, and per-class counts
-    (float64). Sums from several workers add up (all-reduce) before `prototypes_from_sums`."""
-    z, labels, _ = embed_batches(model, batches, device)
-    if int(labels.min()) < 0 or int(labels.max()) >= num_classes:
-        raise ValueError(f"labels out of range [0, {num_classes}) while building BCT prototypes")
-    zn = torch.nn.functional.normalize(z.double(), dim=1)
-    sums = torch.zeros(num_classes, z.shape[1], dtype=torch.float64).index_add_(0, labels.long(), zn)
-    counts = torch.bincount(labels.long(), minlength=num_classes).double()
-    return sums, counts
-
-
-def prototypes_from_sums(sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """(C, D) float32 unit rows = normalised class means; zero rows for classes with no sample."""
-    norms = sums.norm(dim=1, keepdim=True)
-    if bool(((norms.squeeze(1) == 0) & (counts > 0)).any()):
-        raise ValueError("a class has a zero mean old embedding: no prototype direction")
-    return (sums / norms.clamp(min=1e-300)).float()
-
-
-def old_prototypes(old_checkpoint: str, batches: Iterable, num_classes: int,
-                   device: torch.device | str = "cpu") -> torch.Tensor:
-    """(num_classes, D) prototypes from the old model over `batches` (the training split, unaugmented),
-    in one process. Classes absent from the training split get a zero row: they are never BCT targets."""
-    model = load_old_model(old_checkpoint).to(device)
-    return prototypes_from_sums(*prototype_sums(model, batches, num_classes, device))
+def bct_prototypes(cfg: "Config", manifest: "Manifest", rank: int = 0, world_size: int = 1,
+                   device: torch.device | str = "cpu") -> torch.Tensor | None:
+    """(training labels, D) prototypes of `loss.bct.old_checkpoint` over the training split, or None without
+    BCT. Classes absent from the split get a zero row (they are never BCT targets)."""
+    if cfg.loss.bct is None:
+        return None
+    old = embed_split(cfg.loss.bct.old_checkpoint, manifest, "train", rank=rank, world_size=world_size,
+                      batch_size=cfg.data.eval_batch_size, num_workers=cfg.data.loader_workers, device=device,
+                      endpoint_url=cfg.storage.endpoint_url)
+    sums, counts = prototype_sums(old.z, old.labels, manifest.split("train").num_labels)
+    if world_size > 1:
+        both = torch.cat([sums, counts[:, None]], dim=1).to(device)
+        dist.all_reduce(both)
+        sums, counts = both[:, :-1].cpu(), both[:, -1].cpu()
+    return prototypes_from_sums(sums, counts, allow_empty=True).float().to(device)

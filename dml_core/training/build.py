@@ -48,8 +48,10 @@ def build_loss(cfg: Config, num_samples: int | None = None, old_weights: torch.T
     return loss
 
 
-def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+def build_optimizer(cfg: Config, model: torch.nn.Module, loss: torch.nn.Module | None = None) -> torch.optim.Optimizer:
+    """AdamW over the model's parameters and the loss's own (e.g. a learnable logit scale), if any."""
+    params = list(model.parameters()) + [p for p in (loss.parameters() if loss is not None else []) if p.requires_grad]
+    return torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:

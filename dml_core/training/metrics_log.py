@@ -10,7 +10,7 @@ import json
 import math
 import os
 
-from dml_core.data import storage
+from dml_core import storage
 
 
 def _clean(v):
@@ -22,11 +22,11 @@ def _clean(v):
 class MetricsLog:
     def __init__(self, url: str, flush_every: int = 20) -> None:
         self.url, self.flush_every = url, flush_every
-        self.local = "://" not in url or url.startswith("file://")
+        self.local = storage.is_local(url)
         self._pending: list[str] = []
         if self.local:
-            path = url[len("file://"):] if url.startswith("file://") else url
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            path = storage.local_path(url)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
             self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         else:
             self._lines = storage.read_bytes(url).decode().splitlines(keepends=True) if storage.exists(url) else []

@@ -5,6 +5,7 @@ Only tensors and plain Python values are saved, so loading uses `torch.load(weig
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import os
@@ -14,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+CHECKPOINTS = "checkpoints"  # <run dir>/checkpoints/checkpoint_<step>/
 MODEL_FILE = "model.pt"
 STATE_FILE = "state.pt"
 CHECKPOINT_NAME = re.compile(r"checkpoint_\d{8}")  # checkpoint_<step>, zero-padded: names sort by step
@@ -24,6 +26,15 @@ log = logging.getLogger(__name__)
 def checkpoint_dir_name(step: int) -> str:
     """The directory name of the checkpoint at `step` (matches CHECKPOINT_NAME)."""
     return f"checkpoint_{step:08d}"
+
+
+def state_digest(state: dict) -> str:
+    """A short hash of a state dict's tensors (key order): shows that a loss state was restored, not reset."""
+    h = hashlib.sha256()
+    for key in sorted(state):
+        h.update(key.encode())
+        h.update(state[key].detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -63,7 +74,7 @@ def save_state(directory: str, model: nn.Module, optimizer: torch.optim.Optimize
 def load_state(directory: str) -> dict:
     """Read both files of a checkpoint directory (local path or storage URL); the model entry is the
     {spec, state_dict} dict."""
-    from dml_core.data import storage
+    from dml_core import storage
 
     out = {}
     for key, name in (("model", MODEL_FILE), ("state", STATE_FILE)):
@@ -79,7 +90,7 @@ def newest_checkpoint(checkpoints_url: str) -> tuple[str, dict] | None:
 
     One left incomplete by a crash mid-write is skipped with a warning, so a run resumes from the one before.
     """
-    from dml_core.data import storage
+    from dml_core import storage
 
     fs, path = storage.filesystem(checkpoints_url)
     fs.invalidate_cache(path)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -21,10 +21,13 @@ def autocast(device: torch.device):
 
 def train_step(model: torch.nn.Module, loss_fn: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
                ids: torch.Tensor | None, optimizer: torch.optim.Optimizer, scheduler: Any | None = None,
-               grad_cache: Any | None = None, step: int | None = None) -> dict[str, float]:
+               grad_cache: Any | None = None, step: int | None = None,
+               before_update: Callable[[], None] | None = None) -> dict[str, float]:
     """Run one step and return its stats: `loss`, `lr` and the loss's own `stats`.
 
-    Raises FloatingPointError (naming the step) if the loss is not finite, before the update is applied.
+    `before_update` runs between backward and the optimizer step (e.g. to average the loss's own parameter
+    gradients over ranks). Raises FloatingPointError (naming the step) if the loss is not finite, before
+    the update is applied.
     """
     model.train()
     optimizer.zero_grad(set_to_none=True)
@@ -39,6 +42,8 @@ def train_step(model: torch.nn.Module, loss_fn: torch.nn.Module, images: torch.T
         value = float(loss.detach())
         _check_finite(value, step)
         loss.backward()
+    if before_update is not None:
+        before_update()
     optimizer.step()
     if scheduler is not None:
         scheduler.step()

@@ -58,6 +58,7 @@ ray: {num_workers: 3, resources_per_worker: {CPU: 2}}
     ({"data": {"p": 32, "k": 1, "batch_size": 32}}, "data.k"),
     ({"loss": {"tcm": {"m_pos": 2}}}, "loss.tcm"),
     ({"loss": {"bct": {}}}, "loss.bct.old_checkpoint"),
+    ({"loss": {"bct": {"old_checkpoint": "x", "tau_bct": 0}}}, "loss.bct is invalid: tau_bct must be > 0"),
     ({"loss": {"bct": {"old_checkpoint": "x"}, "objective": "self_supervised"}}, "loss.bct"),
     ({"ray": {"resources_per_worker": {"CPU": -1}}}, "ray.resources_per_worker.CPU"),
     ({"run": {"name": "a/b"}}, "run.name"),

@@ -9,20 +9,19 @@ import torch
 from torch import nn
 
 import dml_core.gradcache as gradcache_module
-from dml_core.distributed import is_distributed, local_slice
+from dml_core.distributed import is_distributed
 from dml_core.gradcache import GradCache
-from dml_core.losses.base import EmbeddingLoss
-from dml_core.losses.tcm import TCM
+from dml_core.losses import TCM, DistributedLoss, EmbeddingLoss
 from tests.conftest import run_gloo
 
 
 class NaiveInfoNCE(EmbeddingLoss):
-    """Supervised InfoNCE written out in the test (METHODS 1.1), single process only."""
+    """Supervised InfoNCE written out in the test (METHODS 1.1) over this rank's rows only."""
 
-    def forward(self, z, labels, ids=None):
-        zn = nn.functional.normalize(z, dim=1)
+    def compute(self, batch):
+        zn, labels = batch.q, batch.labels_q
         s = zn @ zn.T / 0.1
-        eye = torch.eye(len(z), dtype=torch.bool)
+        eye = torch.eye(len(zn), dtype=torch.bool)
         log_den = torch.logsumexp(s.masked_fill(eye, -torch.inf), dim=1)
         pos = (labels[:, None] == labels[None, :]) & ~eye
         rows = -((s - log_den[:, None]) * pos).sum(1) / pos.sum(1).clamp(min=1)
@@ -157,9 +156,10 @@ def _ddp_gradcache(rank, world_size, init_state, x, labels):
     enc = make_encoder()
     enc.load_state_dict(init_state)
     model = nn.parallel.DistributedDataParallel(enc) if is_distributed() else enc
-    part = local_slice(LOCAL)
+    part = slice(rank * LOCAL, (rank + 1) * LOCAL)
     torch.manual_seed(100 + rank)  # each rank has its own dropout stream
-    loss = GradCache(model, NaiveInfoNCE() + TCM(m_pos=0.5, m_neg=0.0), CHUNK).step(x[part], labels[part])
+    loss_fn = DistributedLoss(NaiveInfoNCE() + TCM(m_pos=0.5, m_neg=0.0))
+    loss = GradCache(model, loss_fn, CHUNK).step(x[part], labels[part])
     return loss, [p.grad.numpy().copy() for p in enc.parameters()]
 
 

@@ -1,10 +1,13 @@
-"""Shared pieces of the training tests: a small fast config and embedding the evaluation classes."""
+"""Shared pieces of the training tests: a small fast config, a worker-killing step hook, Recall@1."""
 from __future__ import annotations
+
+import os
+import signal
 
 import torch
 
 from dml_core.config import config_from_dict
-from dml_core.data import storage
+from dml_core.training.embed import embed_split
 
 SMALL_CNN = {"backbone": "small_cnn", "embedding_dim": 32, "image_size": 28, "in_channels": 1,
              "backbone_options": {"widths": [16, 32, 64]}}
@@ -26,26 +29,25 @@ def small_config(root: str, shards: dict, name: str, steps: int, **over) -> "Con
     return config_from_dict(raw)
 
 
-def embed_split(model, shards: dict, split: str, image_size: int = 28) -> tuple[torch.Tensor, torch.Tensor]:
-    from dml_core.data.eval_reader import EvalReader
-    from dml_core.training.embed import embed_batches
+class KillOnce:
+    """A `run_training(on_step=...)` hook: SIGKILL the worker of `rank` at `step`, once (a marker file
+    remembers it, so the restarted worker group runs through)."""
 
-    reader = EvalReader.from_manifest(shards["root"], shards["name"], shards["version"], split, rank=0,
-                                      world_size=1, batch_size=256, num_workers=0, image_size=image_size, channels=1)
-    z, labels, _ = embed_batches(model, reader)
-    return z, labels
+    def __init__(self, step: int, rank: int, marker: str) -> None:
+        self.step, self.rank, self.marker = step, rank, marker
 
-
-def load_checkpoint_model(checkpoint_url: str):
-    from dml_core.models.checkpoint import load_model
-
-    return load_model(storage.join(checkpoint_url, "model.pt"))
+    def __call__(self, step: int, rank: int) -> None:
+        if step != self.step or rank != self.rank or os.path.exists(self.marker):
+            return
+        with open(self.marker, "w") as f:
+            f.write(f"killed pid {os.getpid()} at step {step}\n")
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def eval_recall(model, shards: dict) -> float:
     """Leave-one-out Recall@1 over all evaluation-class items (eval + gallery)."""
     from dml_core.metrics import recall_at_k
 
-    zq, lq = embed_split(model, shards, "eval")
-    zg, lg = embed_split(model, shards, "gallery")
+    zq, lq, _ = embed_split(model, shards["manifest"], "eval")
+    zg, lg, _ = embed_split(model, shards["manifest"], "gallery")
     return float(recall_at_k(torch.cat([zq, zg]), torch.cat([lq, lg]), k=1))

@@ -9,12 +9,13 @@ import pytest
 import torch
 
 from dml_core.config import ConfigError
-from dml_core.data import storage
+from dml_core import storage
 from dml_core.models.registry import build_model
 from dml_core.training.metrics_log import read_metrics
 from dml_core.training.state import save_state
 from tasks.train import run_training
-from tests.tasks._train_helpers import SMALL_CNN, eval_recall, load_checkpoint_model, small_config
+from dml_core.training.embed import embed_split, load_checkpoint_model
+from tests.tasks._train_helpers import SMALL_CNN, eval_recall, small_config
 
 pytestmark = pytest.mark.slow
 
@@ -44,6 +45,37 @@ def test_two_workers_raise_recall_well_above_the_untrained_model(runs, fmnist_sh
     assert all(r["samples_per_s"] > 0 and r["lr"] > 0 for r in steps)
     assert sum(r["loss"] for r in steps[-20:]) < sum(r["loss"] for r in steps[:20])
     assert storage.exists(storage.join(new.run_dir, "config.yaml"))
+
+
+def test_embed_split_of_a_ray_checkpoint_equals_the_model_run_by_hand(runs, fmnist_shards):
+    import io
+
+    from dml_core.data.decode import decode_sample
+    from dml_core.data.shard_stream import iter_samples
+
+    manifest = fmnist_shards["manifest"]
+    ckpt = torch.load(io.BytesIO(storage.read_bytes(storage.join(runs["new"].checkpoint, "model.pt"))),
+                      weights_only=True)
+    spec = dict(ckpt["spec"])
+    model = build_model(spec.pop("name"), **spec.pop("kwargs", {}), **spec)
+    model.load_state_dict(ckpt["state_dict"])
+    model.eval()
+    samples = [decode_sample(s, image_size=28, channels=1) for s in iter_samples(manifest.shard_urls("eval"))]
+    with torch.no_grad():
+        by_hand = {d.id: (model(d.image[None])[0], d.label) for d in samples}
+
+    z, labels, ids = embed_split(runs["new"].checkpoint, manifest, "eval")
+    assert sorted(ids.tolist()) == sorted(by_hand) and len(ids) == manifest.split("eval").count
+    for row, (i, label) in enumerate(zip(ids.tolist(), labels.tolist())):
+        torch.testing.assert_close(z[row], by_hand[i][0], rtol=1e-4, atol=1e-5)
+        assert label == by_hand[i][1]
+    # Two ranks' shares are disjoint and cover the split with the same embeddings.
+    shares = [embed_split(runs["new"].checkpoint, manifest, "eval", rank=r, world_size=2) for r in (0, 1)]
+    assert not set(shares[0].ids.tolist()) & set(shares[1].ids.tolist())
+    merged = {i: zi for share in shares for i, zi in zip(share.ids.tolist(), share.z)}
+    assert merged.keys() == by_hand.keys()
+    for i, zi in merged.items():
+        torch.testing.assert_close(zi, by_hand[i][0], rtol=1e-4, atol=1e-5)
 
 
 # ------------------------------------------------------------------ errors before training -------
@@ -93,7 +125,7 @@ def test_unreachable_storage_is_refused(tmp_path, fmnist_shards):
 
     cfg = small_config("s3://nowhere/x", fmnist_shards, "s3", steps=5,
                        storage={"endpoint_url": f"http://127.0.0.1:{free_port()}"})
-    saved = {k: os.environ.pop(k, None) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+    saved = {k: os.environ.pop(k, None) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL")}
     os.environ.update(AWS_ACCESS_KEY_ID="x", AWS_SECRET_ACCESS_KEY="y", AWS_MAX_ATTEMPTS="1")
     try:
         with pytest.raises(ConfigError, match=r"run.root: storage s3://nowhere/x/runs/s3 is not writable or unreachable"):
@@ -104,4 +136,3 @@ def test_unreachable_storage_is_refused(tmp_path, fmnist_shards):
             if v is not None:
                 os.environ[k] = v
         os.environ.pop("AWS_MAX_ATTEMPTS", None)
-        storage.configure()

@@ -17,8 +17,9 @@ from __future__ import annotations
 import pytest
 
 from dml_core.metrics import evaluate_compatibility
+from dml_core.training.embed import embed_split
 from tasks.train import run_training
-from tests.tasks._train_helpers import embed_split, load_checkpoint_model, small_config
+from tests.tasks._train_helpers import small_config
 
 pytestmark = pytest.mark.slow
 
@@ -47,7 +48,8 @@ def bct_runs(tmp_path_factory, font_glyph_shards):
 
 
 def _embed(run, shards, split):
-    return embed_split(load_checkpoint_model(run.checkpoint), shards, split, image_size=IMAGE_SIZE)
+    z, labels, _ = embed_split(run.checkpoint, shards["manifest"], split)  # at the model's image size
+    return z, labels
 
 
 def _eval_scores(runs, shards):
@@ -55,7 +57,7 @@ def _eval_scores(runs, shards):
     eval-split queries against the gallery split (evaluation classes, never trained on)."""
     oq, lq = _embed(runs["old"], shards, "eval")
     og, lg = _embed(runs["old"], shards, "gallery")
-    train_labels = {int(c) for c in shards["manifest"]["splits"]["train"]["classes"]}
+    train_labels = set(shards["manifest"].split("train").labels)
     assert not set(lq.tolist()) & train_labels  # open world: no query class was trained on
     out = {}
     for name in ("bct", "plain"):

@@ -17,7 +17,9 @@ import numpy as np
 #: (uint8 HxW / HxWxC image, or a 1-D float embedding).
 Payload = Union[bytes, np.ndarray]
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+#: file name suffixes an image folder lists as images (any format Pillow reads; the shard writer keeps
+#: PNG and JPEG bytes and re-encodes the rest to PNG). Not the tar member names: see layout.py.
+IMAGE_FILE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
 class SourceError(ValueError):

@@ -13,7 +13,7 @@ import struct
 
 import numpy as np
 
-from dml_core.data import storage
+from dml_core import storage
 from dml_core.data.sources.base import ItemError, ItemRef, Source, SourceError
 
 IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import hashlib
 
-from dml_core.data import storage
-from dml_core.data.sources.base import IMAGE_EXTENSIONS, ItemError, ItemRef, Source, SourceError, sha256_file
+from dml_core import storage
+from dml_core.data.sources.base import IMAGE_FILE_SUFFIXES, ItemError, ItemRef, Source, SourceError, sha256_file
 
 
 class ImageFolderSource(Source):
     kind = "image_folder"
 
-    def __init__(self, root: str, extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> None:
+    def __init__(self, root: str, extensions: tuple[str, ...] = IMAGE_FILE_SUFFIXES) -> None:
         self.root = str(root).rstrip("/")
         self.extensions = tuple(e.lower() for e in extensions)
         self._fs, self._path = storage.filesystem(self.root)

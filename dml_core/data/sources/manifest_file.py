@@ -11,7 +11,7 @@ import hashlib
 import io
 import json
 
-from dml_core.data import storage
+from dml_core import storage
 from dml_core.data.sources.base import ItemError, ItemRef, Source, SourceError, sha256_file
 
 SPLIT_ALIASES = {"train": "train", "eval": "eval", "query": "eval", "gallery": "gallery"}

@@ -1,8 +1,10 @@
-"""Tiny shard datasets written with `webdataset.TarWriter` exactly as notes/SHARD_FORMAT.md says, for the
-reader tests (independent of the shard writer, so the readers are tested against the contract itself).
+"""Tiny shard datasets written with `webdataset.TarWriter` as the layout says, for the reader tests
+(independent of the shard writer, so the readers are tested against the contract itself). Their manifest
+is in the older form another tool would write: no sharding `params` and no `id_range`.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -54,8 +56,10 @@ def write_dataset(root: str, splits: dict, name: str = "toy", version: str = "01
             with wds.TarWriter(os.path.join(base, fname)) as w:
                 for s in part:
                     w.write(s)
-            shards.append({"name": fname, "count": len(part), "bytes": os.path.getsize(os.path.join(base, fname)),
-                           "sha256": ""})
+            with open(os.path.join(base, fname), "rb") as f:
+                data = f.read()
+            shards.append({"name": fname, "count": len(part), "bytes": len(data),
+                           "sha256": hashlib.sha256(data).hexdigest()})
         manifest_splits[split] = {"count": len(samples), "classes": {str(c): per_class for c in labels},
                                   "shards": shards}
         everything.update({int(s["__key__"]): s for s in samples})

@@ -16,15 +16,15 @@ def read_tar_samples(data: bytes) -> dict[str, dict[str, bytes]]:
     return samples
 
 
-def read_dataset(manifest: dict, read) -> list[dict]:
-    """Every sample of every split as {"key", "split", "shard", "meta", "cls", "ext", "data"}.
+def read_dataset(manifest, read) -> list[dict]:
+    """Every sample of every split of a `Manifest` as {"key", "split", "shard", "meta", "cls", "ext", "data"}.
 
     `read(shard_name) -> bytes` fetches one shard (a local file, boto3, ...)."""
     out = []
-    for split, info in manifest["splits"].items():
-        for shard in info["shards"]:
-            for key, members in read_tar_samples(read(shard["name"])).items():
+    for split, info in manifest.splits.items():
+        for shard in info.shards:
+            for key, members in read_tar_samples(read(shard.name)).items():
                 (ext,) = [e for e in members if e not in ("cls", "json")]
-                out.append({"key": key, "split": split, "shard": shard["name"], "ext": ext,
+                out.append({"key": key, "split": split, "shard": shard.name, "ext": ext,
                             "meta": json.loads(members["json"]), "cls": int(members["cls"]), "data": members[ext]})
     return out

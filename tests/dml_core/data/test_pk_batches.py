@@ -91,7 +91,7 @@ def test_duplicate_keys_never_share_a_batch():
 
 
 def test_p_above_the_number_of_classes_is_refused_at_construction():
-    with pytest.raises(ValueError, match="p=5 classes per batch, but the split has only 4 classes"):
+    with pytest.raises(ValueError, match="p=5 classes per batch, but the stream has only 4 classes with at least 2"):
         PKBatcher(p=5, k=2, num_classes=4)
     PKBatcher(p=4, k=2, num_classes=4)  # exactly enough classes is fine
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dml_core.data.manifest import ManifestError, dataset_url, verify_dataset
+from dml_core.data.manifest import Manifest, ManifestError
 from dml_core.data.sharding import ShardingError, shard_dataset
 from dml_core.data.sources import ImageFolderSource, ManifestSource, SourceError, SyntheticSource, fashion_mnist
 from dml_core.data.sources.idx import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR
@@ -44,9 +44,8 @@ def make_image_folder(root: Path, n_classes=6, per_class=5, seed=0) -> dict[str,
     return files
 
 
-def local_reader(root, m):
-    base = dataset_url(str(root), m["name"], m["version"])
-    return lambda shard: Path(base, shard).read_bytes()
+def local_reader(m):
+    return lambda shard: Path(m.url, shard).read_bytes()
 
 
 def check_round_trip(m, samples, files):
@@ -56,7 +55,7 @@ def check_round_trip(m, samples, files):
     for s in samples:
         class_name, data = files[s["meta"]["source"]]
         assert s["key"] == f"{s['meta']['id']:012d}" and s["meta"]["split"] == s["split"]
-        assert s["cls"] == s["meta"]["label"] and m["class_names"][s["cls"]] == class_name == s["meta"]["class_name"]
+        assert s["cls"] == s["meta"]["label"] and m.class_names[s["cls"]] == class_name == s["meta"]["class_name"]
         if s["meta"]["source"].endswith(".bmp"):
             assert s["ext"] == "png"
             assert np.array_equal(np.asarray(Image.open(io.BytesIO(s["data"]))), np.asarray(Image.open(io.BytesIO(data))))
@@ -65,24 +64,24 @@ def check_round_trip(m, samples, files):
             assert s["data"] == data
     by_split = collections.defaultdict(collections.Counter)
     for s in samples:
-        by_split[s["split"]][str(s["cls"])] += 1
-    for split, info in m["splits"].items():
-        assert dict(by_split[split]) == info["classes"] and info["count"] == sum(by_split[split].values())
+        by_split[s["split"]][s["cls"]] += 1
+    for split, info in m.splits.items():
+        assert dict(by_split[split]) == info.classes and info.count == sum(by_split[split].values())
     train = {s["cls"] for s in samples if s["split"] == "train"}
     evals = {s["cls"] for s in samples if s["split"] != "train"}
-    assert not train & evals and train == set(range(m["num_train_classes"]))
-    assert train | evals == set(range(m["num_classes"]))
+    assert not train & evals and train == set(range(m.num_train_classes))
+    assert train | evals == set(range(m.num_classes))
 
 
 def test_round_trip_image_folder_local(tmp_path):
     files = make_image_folder(tmp_path / "src")
     m = shard_dataset(ImageFolderSource(str(tmp_path / "src")), str(tmp_path / "out"), "toy", seed=1,
                       max_shard_samples=4)
-    samples = read_dataset(m, local_reader(tmp_path / "out", m))
+    samples = read_dataset(m, local_reader(m))
     check_round_trip(m, samples, files)
-    assert all(s["count"] <= 4 for sp in m["splits"].values() for s in sp["shards"])
-    assert m["skipped"] == {"count": 0, "items": []}
-    assert verify_dataset(str(tmp_path / "out"), "toy", m["version"]) == m
+    assert all(s.count <= 4 for sp in m.splits.values() for s in sp.shards)
+    assert m.skipped == []
+    assert Manifest.read(str(tmp_path / "out"), "toy", m.version).verify("full") == m
 
 
 def test_round_trip_fashion_mnist_pixels(tmp_path):
@@ -95,19 +94,19 @@ def test_round_trip_fashion_mnist_pixels(tmp_path):
     raw = gzip.open(f"{FASHION_MNIST_DIR}/t10k-images-idx3-ubyte.gz").read()
     images = np.frombuffer(raw, np.uint8, offset=16).reshape(-1, 28, 28)
     labels = np.frombuffer(gzip.open(f"{FASHION_MNIST_DIR}/t10k-labels-idx1-ubyte.gz").read(), np.uint8, offset=8)
-    samples = read_dataset(m, local_reader(tmp_path, m))
+    samples = read_dataset(m, local_reader(m))
     assert len(samples) == 80 and {s["ext"] for s in samples} == {"png"}
-    assert sorted(m["splits"][s]["count"] for s in m["splits"]) == [20, 20, 40]
+    assert sorted(info.count for info in m.splits.values()) == [20, 20, 40]
     for s in samples:
         index = int(s["meta"]["source"].split("#")[1])
         assert np.array_equal(np.asarray(Image.open(io.BytesIO(s["data"]))), images[index])
-        assert m["class_names"][s["cls"]] == FASHION_MNIST_CLASSES[labels[index]]
+        assert m.class_names[s["cls"]] == FASHION_MNIST_CLASSES[labels[index]]
 
 
 def test_synthetic_embeddings_round_trip_as_npy(tmp_path):
     src = SyntheticSource(num_classes=4, per_class=5, dim=8, seed=2)
     m = shard_dataset(src, str(tmp_path), "emb", eval_class_fraction=0.5)
-    samples = read_dataset(m, local_reader(tmp_path, m))
+    samples = read_dataset(m, local_reader(m))
     expected = {i.ref: src.load(i) for i in src.list_items()}
     assert len(samples) == 20
     for s in samples:
@@ -120,11 +119,10 @@ def test_shards_respect_byte_bound(tmp_path):
     src = SyntheticSource(num_classes=3, per_class=20, kind="images", image_size=(32, 32), noise=0.5)
     limit = 40_000
     m = shard_dataset(src, str(tmp_path), "b", max_shard_bytes=limit, eval_class_fraction=0.0)
-    shards = m["splits"]["train"]["shards"]
-    assert len(shards) > 1 and all(s["bytes"] <= limit for s in shards)
-    assert [Path(dataset_url(str(tmp_path), "b", m["version"]), s["name"]).stat().st_size for s in shards] == \
-        [s["bytes"] for s in shards]
-    assert [s["name"] for s in shards] == [f"train-{i:06d}.tar" for i in range(len(shards))]
+    shards = m.split("train").shards
+    assert len(shards) > 1 and all(s.bytes <= limit for s in shards)
+    assert [Path(m.url, s.name).stat().st_size for s in shards] == [s.bytes for s in shards]
+    assert [s.name for s in shards] == [f"train-{i:06d}.tar" for i in range(len(shards))]
 
 
 def test_font_glyph_subset_shards_and_progress(tmp_path):
@@ -133,13 +131,13 @@ def test_font_glyph_subset_shards_and_progress(tmp_path):
     calls = collections.defaultdict(list)
     m = shard_dataset(FontGlyphSource(image_size=16, max_classes=12), str(tmp_path), "glyphs", eval_class_fraction=0.5,
                       progress=lambda split, done, total: calls[split].append((done, total)))
-    samples = read_dataset(m, local_reader(tmp_path, m))
+    samples = read_dataset(m, local_reader(m))
     per_class = collections.Counter(s["meta"]["class_name"] for s in samples)
     assert len(per_class) == 12 and min(per_class.values()) >= 20
-    for c in m["class_names"][m["num_train_classes"]:]:  # every eval class has queries and a gallery
+    for c in m.class_names[m.num_train_classes:]:  # every eval class has queries and a gallery
         assert {s["split"] for s in samples if s["meta"]["class_name"] == c} == {"eval", "gallery"}
     for split, seq in calls.items():
-        total = m["splits"][split]["count"]
+        total = m.split(split).count
         assert [d for d, _ in seq] == list(range(1, total + 1)) and {t for _, t in seq} == {total}
 
 
@@ -153,7 +151,7 @@ def test_second_run_writes_nothing_and_changed_source_is_new_version(tmp_path):
     make_image_folder(tmp_path / "src", n_classes=4, per_class=3)
     out = tmp_path / "out"
     m1 = shard_dataset(ImageFolderSource(str(tmp_path / "src")), str(out), "toy")
-    version_dir = Path(dataset_url(str(out), "toy", m1["version"]))
+    version_dir = Path(m1.url)
     before, before_dir = _snapshot(out), _snapshot(version_dir)
     time.sleep(0.01)
     for verify in ("size", "sha256"):
@@ -161,21 +159,21 @@ def test_second_run_writes_nothing_and_changed_source_is_new_version(tmp_path):
     assert _snapshot(out) == before
     (tmp_path / "src" / "class_0" / "img_0.png").write_bytes(_image_bytes(np.random.default_rng(9), "PNG"))
     m2 = shard_dataset(ImageFolderSource(str(tmp_path / "src")), str(out), "toy")
-    assert m2["version"] != m1["version"] and _snapshot(version_dir) == before_dir
-    assert m2["fingerprint"] != m1["fingerprint"]
+    assert m2.version != m1.version and _snapshot(version_dir) == before_dir
+    assert m2.fingerprint != m1.fingerprint
     # other parameters (another seed) are another version too
-    assert shard_dataset(ImageFolderSource(str(tmp_path / "src")), str(out), "toy", seed=5)["version"] not in (
-        m1["version"], m2["version"])
+    assert shard_dataset(ImageFolderSource(str(tmp_path / "src")), str(out), "toy", seed=5).version not in (
+        m1.version, m2.version)
 
 
 def test_damaged_shard_is_detected_and_rewritten(tmp_path):
     make_image_folder(tmp_path / "src", n_classes=4, per_class=3)
     m = shard_dataset(ImageFolderSource(str(tmp_path / "src")), str(tmp_path), "toy")
-    shard = Path(dataset_url(str(tmp_path), "toy", m["version"]), m["splits"]["train"]["shards"][0]["name"])
+    shard = Path(m.url, m.split("train").shards[0].name)
     good = shard.read_bytes()
     shard.write_bytes(good[:1000])  # truncated
     with pytest.raises(ManifestError, match=shard.name):
-        verify_dataset(str(tmp_path), "toy", m["version"])
+        m.verify()
     shard_dataset(ImageFolderSource(str(tmp_path / "src")), str(tmp_path), "toy")
     assert shard.read_bytes() == good  # deterministic tars: rewritten byte for byte
     flipped = bytearray(good)
@@ -221,12 +219,12 @@ def test_killed_run_then_rerun_gives_complete_dataset(tmp_path):
     (version_dir / "gallery-000099.tar").write_bytes(b"junk")
     src = SyntheticSource(num_classes=10, per_class=150, kind="images", image_size=(48, 48), noise=0.3, seed=1)
     m = shard_dataset(src, str(out), "big", max_shard_samples=15, eval_class_fraction=0.3)
-    assert m["version"] == version_dir.name
-    verify_dataset(str(out), "big", m["version"])
-    listed = {s["name"] for sp in m["splits"].values() for s in sp["shards"]} | {"manifest.json"}
+    assert m.version == version_dir.name
+    m.verify("full")
+    listed = {s.name for sp in m.splits.values() for s in sp.shards} | {"manifest.json"}
     assert {p.name for p in version_dir.iterdir()} == listed  # leftovers cleaned
     assert len(committed_at_kill - {"gallery-000099.tar"}) < len(listed) - 1  # it really was killed half-way
-    samples = read_dataset(m, local_reader(out, m))
+    samples = read_dataset(m, local_reader(m))
     assert sorted(s["meta"]["source"] for s in samples) == sorted(i.ref for i in src.list_items())
     expected = {i.ref: src.load(i) for i in src.list_items()[:50]}
     for s in samples:
@@ -267,12 +265,12 @@ def test_unreadable_image_raises_naming_the_file(tmp_path):
 def test_skip_mode_counts_and_records_every_bad_item(tmp_path):
     src = _corrupt_folder(tmp_path)
     m = shard_dataset(ImageFolderSource(str(src)), str(tmp_path / "out"), "bad", on_error="skip")
-    reasons = {s["source"]: s["reason"] for s in m["skipped"]["items"]}
-    assert m["skipped"]["count"] == 4
+    reasons = {s.source: s.reason for s in m.skipped}
+    assert len(m.skipped) == 4
     assert set(reasons) == {"class_1/broken.png", "class_2/truncated.png", "class_3/README.txt", "class_empty/"}
     assert "unreadable image" in reasons["class_1/broken.png"] and "unreadable image" in reasons["class_2/truncated.png"]
     assert "not an image" in reasons["class_3/README.txt"] and "empty class folder" in reasons["class_empty/"]
-    samples = read_dataset(m, local_reader(tmp_path / "out", m))
+    samples = read_dataset(m, local_reader(m))
     assert len(samples) == 12 and not {s["meta"]["source"] for s in samples} & set(reasons)
 
 
@@ -287,10 +285,10 @@ def test_manifest_source_unknown_label_and_missing_file(tmp_path):
         shard_dataset(ManifestSource(str(tmp_path / "m.csv"), classes=classes), str(tmp_path / "out"), "m")
     m = shard_dataset(ManifestSource(str(tmp_path / "m.csv"), classes=classes), str(tmp_path / "out"), "m",
                       on_error="skip")
-    reasons = {s["source"]: s["reason"] for s in m["skipped"]["items"]}
+    reasons = {s.source: s.reason for s in m.skipped}
     assert set(reasons) == {"class_0/img_0.png_missing", "class_2/dup.png"}
     assert "cannot read" in reasons["class_0/img_0.png_missing"] and "unknown label" in reasons["class_2/dup.png"]
-    assert sum(m["splits"][s]["count"] for s in m["splits"]) == 9
+    assert m.count == 9
 
 
 def test_manifest_source_splits_are_used_and_must_be_open_world(tmp_path):
@@ -299,7 +297,7 @@ def test_manifest_source_splits_are_used_and_must_be_open_world(tmp_path):
     rows = [f"{rel},{cls},{split_of[cls]}" for rel, (cls, _) in sorted(files.items())]
     (tmp_path / "m.csv").write_text("path,label,split\n" + "\n".join(rows) + "\n")
     m = shard_dataset(ManifestSource(str(tmp_path / "m.csv")), str(tmp_path / "out"), "m")
-    samples = read_dataset(m, local_reader(tmp_path / "out", m))
+    samples = read_dataset(m, local_reader(m))
     assert {(s["meta"]["class_name"], s["split"]) for s in samples} == {
         ("class_0", "train"), ("class_1", "eval"), ("class_2", "gallery")}
     rows[0] = rows[0].replace(",train", ",gallery")

@@ -3,7 +3,7 @@ import time
 
 import pytest
 
-from dml_core.data.manifest import ManifestError, verify_dataset
+from dml_core.data.manifest import Manifest, ManifestError
 from dml_core.data.sharding import shard_dataset
 from dml_core.data.sources import ImageFolderSource
 from tests.dml_core.data.readback import read_dataset
@@ -28,13 +28,13 @@ def test_round_trip_and_idempotency_on_s3(s3_server, tmp_path):
     root = s3_server.url("sharding-test")
     m = shard_dataset(ImageFolderSource(str(tmp_path / "src")), root, "toy", seed=1, max_shard_samples=4)
     client = _boto3(s3_server)  # read back with boto3, independently of storage.py / s3fs
-    prefix = f"sharding-test/datasets/toy/{m['version']}/"
+    prefix = f"sharding-test/datasets/toy/{m.version}/"
     samples = read_dataset(m, lambda shard: client.get_object(Bucket="dml", Key=prefix + shard)["Body"].read())
     check_round_trip(m, samples, files)
     before = _listing(client, "sharding-test/")
     names = {k.rsplit("/", 1)[1] for k in before}
-    assert names == {s["name"] for sp in m["splits"].values() for s in sp["shards"]} | {"manifest.json"}
-    assert verify_dataset(root, "toy", m["version"]) == m
+    assert names == {s.name for sp in m.splits.values() for s in sp.shards} | {"manifest.json"}
+    assert Manifest.read(root, "toy", m.version).verify("full") == m
     time.sleep(1.1)  # LastModified has 1 s resolution
     assert shard_dataset(ImageFolderSource(str(tmp_path / "src")), root, "toy", seed=1, max_shard_samples=4,
                          verify="sha256") == m
@@ -47,21 +47,22 @@ def test_damaged_shard_on_s3_is_named_and_rewritten(s3_server, tmp_path):
     root = s3_server.url("damage-test")
     m = shard_dataset(ImageFolderSource(str(tmp_path / "src")), root, "toy")
     client = _boto3(s3_server)
-    name = m["splits"]["gallery"]["shards"][0]["name"]
-    key = f"damage-test/datasets/toy/{m['version']}/{name}"
+    name = m.split("gallery").shards[0].name
+    key = f"damage-test/datasets/toy/{m.version}/{name}"
     good = client.get_object(Bucket="dml", Key=key)["Body"].read()
     client.put_object(Bucket="dml", Key=key, Body=good[:-2048])
     with pytest.raises(ManifestError, match=name):
-        verify_dataset(root, "toy", m["version"])
+        m.verify()
     shard_dataset(ImageFolderSource(str(tmp_path / "src")), root, "toy")
     assert client.get_object(Bucket="dml", Key=key)["Body"].read() == good
-    verify_dataset(root, "toy", m["version"])
+    m.verify("full")
 
 
 @pytest.mark.slow
 def test_fmnist_s3_shards_fixture(fmnist_s3_shards, fmnist_shards):
     m = fmnist_s3_shards["manifest"]
-    assert fmnist_s3_shards["root"].startswith("s3://")
-    assert verify_dataset(fmnist_s3_shards["root"], "fmnist-tiny", m["version"]) == m
+    assert fmnist_s3_shards["root"].startswith("s3://") and m.url == fmnist_s3_shards["url"]
+    assert Manifest.read(fmnist_s3_shards["root"], "fmnist-tiny").verify("full") == m
     local = fmnist_shards["manifest"]
-    assert m["splits"] == local["splits"] and m["version"] == local["version"]  # same bytes on both stores
+    assert m.splits == local.splits and m.version == local.version  # same bytes on both stores
+    assert m.num_ids == local.num_ids == 400

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from dml_core.data.augment import AugmentConfig, two_views
-from dml_core.data.shard_stream import ShardReadError, shard_urls
+from dml_core.data.manifest import Manifest
+from dml_core.data.shard_stream import ShardReadError
 from dml_core.data.train_reader import TrainReader, TrainStream, worker_steps
 from tests.dml_core.data._shards import image_pixels, truncate, write_dataset
 
@@ -15,12 +16,12 @@ NAME, VERSION = "toy", "0123456789ab"
 def dataset(tmp_path):
     root = str(tmp_path)
     samples = write_dataset(root, {"train": (range(0, 6), 8, 5), "eval": (range(6, 8), 2, 1)})
-    return root, samples
+    return Manifest.read(root, NAME, VERSION), samples
 
 
-def _reader(root, rank=0, world_size=1, steps=5, **kw):
+def _reader(manifest, rank=0, world_size=1, steps=5, **kw):
     kw = {"mode": "supervised", "p": 3, "k": 2, "shuffle_buffer": 16, "num_workers": 2, "seed": 3, **kw}
-    return TrainReader.from_manifest(root, NAME, VERSION, rank=rank, world_size=world_size, steps=steps, **kw)
+    return TrainReader.from_manifest(manifest, rank=rank, world_size=world_size, steps=steps, **kw)
 
 
 def _check_batch(batch, samples):
@@ -31,10 +32,10 @@ def _check_batch(batch, samples):
 
 
 def test_every_rank_gets_the_same_number_of_pk_batches(dataset):
-    root, samples = dataset
+    manifest, samples = dataset
     per_rank = []
     for rank in range(2):
-        reader = _reader(root, rank=rank, world_size=2, steps=7)
+        reader = _reader(manifest, rank=rank, world_size=2, steps=7)
         batches = list(reader)
         assert len(batches) == len(reader) == 7
         for b in batches:
@@ -54,8 +55,8 @@ def test_worker_steps_sum_to_steps():
 
 
 def test_shards_split_disjointly_between_ranks_and_workers(dataset):
-    root, _ = dataset
-    urls = shard_urls(root, NAME, VERSION, "train")[:4]
+    manifest, _ = dataset
+    urls = manifest.shard_urls("train")[:4]
     parts = []
     for rank in range(2):
         stream = TrainStream(urls, rank=rank, world_size=2, steps=1, p=2, k=2)
@@ -66,17 +67,17 @@ def test_shards_split_disjointly_between_ranks_and_workers(dataset):
 
 
 def test_deterministic_per_seed_and_epoch(dataset):
-    root, _ = dataset
+    manifest, _ = dataset
     ids = lambda reader, epoch: [b.ids.tolist() for b in reader.epoch(epoch)]  # noqa: E731
-    a, b = _reader(root), _reader(root)
+    a, b = _reader(manifest), _reader(manifest)
     assert ids(a, 0) == ids(b, 0)
     assert ids(a, 0) != ids(a, 1)
-    assert ids(_reader(root, seed=4), 0) != ids(a, 0)
+    assert ids(_reader(manifest, seed=4), 0) != ids(a, 0)
 
 
 def test_self_supervised_batches_feed_two_views(dataset):
-    root, samples = dataset
-    reader = _reader(root, mode="self_supervised", batch_size=10, steps=3, p=None, k=None)
+    manifest, samples = dataset
+    reader = _reader(manifest, mode="self_supervised", batch_size=10, steps=3, p=None, k=None)
     batches = list(reader)
     assert len(batches) == 3
     for b in batches:
@@ -87,23 +88,27 @@ def test_self_supervised_batches_feed_two_views(dataset):
 
 
 def test_corrupt_shard_raises_with_its_name_or_is_skipped_and_counted(dataset):
-    root, _ = dataset
-    urls = shard_urls(root, NAME, VERSION, "train")
+    manifest, _ = dataset
+    urls = manifest.shard_urls("train")
     truncate(urls[1], 0.3)
     with pytest.raises(ShardReadError, match=f"failed reading shard {urls[1]}"):
-        list(_reader(root, steps=40, num_workers=0))
-    reader = _reader(root, steps=20, on_error="skip")
+        list(_reader(manifest, steps=40, num_workers=0))
+    reader = _reader(manifest, steps=20, on_error="skip")
     assert len(list(reader)) == 20
     assert reader.errors.shards and all(urls[1] in e for e in reader.errors.shards)
 
 
 def test_bad_arguments(dataset):
-    root, _ = dataset
+    manifest, _ = dataset
     with pytest.raises(ValueError, match="needs p"):
-        _reader(root, p=None)
+        _reader(manifest, p=None)
     with pytest.raises(ValueError, match="rank 2 not in"):
-        _reader(root, rank=2, world_size=2)
+        _reader(manifest, rank=2, world_size=2)
     with pytest.raises(ValueError, match="on_error"):
-        _reader(root, on_error="ignore")
-    with pytest.raises(ValueError, match="p=7 classes per batch, but split 'train' of toy has only 6"):
-        _reader(root, p=7)
+        _reader(manifest, on_error="ignore")
+    with pytest.raises(ValueError, match="p=7 classes per batch, but the stream has only 6 classes with at least 2 "
+                                         r"items.*split 'train' of .*/datasets/toy/0123456789ab"):
+        _reader(manifest, p=7)
+    _reader(manifest, p=6)  # exactly enough classes is fine
+    with pytest.raises(ValueError, match="no training shards.*split 'gallery'"):
+        _reader(manifest, split="gallery")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dml_core.losses.bct import BCT, class_prototypes
+from dml_core.losses.bct import BCT, class_prototypes, prototype_sums, prototypes_from_sums
 
 SHAPES = [(5, 3, 2), (12, 8, 4), (20, 6, 7)]  # (batch, dim, classes)
 DTYPES = [torch.float32, torch.float64]
@@ -112,6 +112,22 @@ def test_empty_class_is_an_error_unless_allowed():
     protos = class_prototypes(old, old_labels, 3, allow_empty=True)
     assert torch.equal(protos[1], torch.zeros(3))
     torch.testing.assert_close(protos[0], naive_prototypes(old[old_labels == 0], torch.zeros(3), 1)[0])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_prototypes_from_summed_parts_equal_the_whole(dtype):
+    # what the training loop does across workers: per-rank sums and counts, all-reduced, then normalised
+    _, _, old, old_labels = _data(12, 5, 4, dtype, seed=3)
+    parts = [prototype_sums(old[i::3], old_labels[i::3], 6) for i in range(3)]
+    sums, counts = (sum(p[j] for p in parts) for j in range(2))
+    assert sums.dtype == counts.dtype == torch.float64 and counts.tolist() == [9, 9, 9, 9, 0, 0]
+    protos = prototypes_from_sums(sums, counts, allow_empty=True)
+    assert protos.dtype == torch.float64
+    tol = dict(rtol=1e-6, atol=1e-7) if dtype == torch.float32 else dict(rtol=1e-12, atol=0)
+    torch.testing.assert_close(protos[:4], class_prototypes(old, old_labels, 4).double(), **tol)
+    assert torch.equal(protos[4:], torch.zeros(2, 5, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"classes \[4, 5\].*no samples"):
+        prototypes_from_sums(sums, counts)
 
 
 def test_prototype_labels_out_of_range_raise():

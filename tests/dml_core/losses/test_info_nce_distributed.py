@@ -1,13 +1,15 @@
-"""METHODS.md 1.2: with 2 and 4 gloo ranks under DDP, the averaged parameter gradient equals the
-single-process gradient of the global-batch loss, for InfoNCE (dense and tiled) and the CLIP loss."""
+"""METHODS.md 1.2: with 2 and 4 gloo ranks under DDP and `DistributedLoss`, the averaged parameter gradient
+equals the single-process gradient of the global-batch loss, for InfoNCE (dense and tiled) and the CLIP loss
+(alone, and with a learnable logit scale in a sum with TCM, whose gradient `average_loss_grads` averages)."""
 from __future__ import annotations
 
 import pytest
 import torch
 from torch import nn
 
-from dml_core.losses.clip import ClipLoss, clip_loss
-from dml_core.losses.info_nce import InfoNCE, dense_info_nce_rows, info_nce_loss
+from dml_core.distributed import average_loss_grads
+from dml_core.losses import TCM, ClipLoss, DistributedLoss, InfoNCE, clip_loss, info_nce_loss
+from dml_core.losses.info_nce import dense_info_nce_rows
 from tests.conftest import run_gloo
 from tests.dml_core.losses.test_info_nce import assert_close_rel
 
@@ -50,6 +52,15 @@ def to_numpy(result):
     return {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in result.items()}
 
 
+def clip_with_learned_scale():
+    return (ClipLoss(TAU, learn_scale=True) + 0.5 * TCM(m_pos=0.5, m_neg=0.0)).double()
+
+
+def pair_layout(towers, x_a, x_b):
+    """One rank's two-tower batch as the loss takes it: [z_a; z_b], labels = pair ids (global)."""
+    return torch.cat(towers(x_a, x_b))
+
+
 def ddp_worker(rank, world_size, x, x_b, labels):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -59,12 +70,21 @@ def ddp_worker(rank, world_size, x, x_b, labels):
     ddp = DDP(linear)
     for name, loss in [("dense", InfoNCE(TAU)), ("tiled", InfoNCE(TAU, tile_size=3, tiled_above=0))]:
         ddp.zero_grad()
+        loss = DistributedLoss(loss)
         loss(ddp(x[part]), labels[part]).backward()
         out[name] = flat_grad(linear)
         out[name + "_stats"] = dict(loss.stats)
     ddp_towers = DDP(towers)
-    ClipLoss(TAU)(*ddp_towers(x[part], x_b[part])).backward()
+    pairs = torch.arange(x.shape[0])[part].repeat(2)
+    DistributedLoss(ClipLoss(TAU))(pair_layout(ddp_towers, x[part], x_b[part]), pairs, pairs).backward()
     out["clip"] = flat_grad(towers)
+    ddp_towers.zero_grad()
+    learned = clip_with_learned_scale()
+    loss = DistributedLoss(learned)
+    loss(pair_layout(ddp_towers, x[part], x_b[part]), pairs).backward()
+    out["logit_scale_share"] = learned.terms[0].logit_scale.grad.clone()
+    average_loss_grads(loss)
+    out["clip_learned"] = torch.cat([flat_grad(towers), learned.terms[0].logit_scale.grad.flatten()])
     return to_numpy(out)
 
 
@@ -72,7 +92,13 @@ def single_process_grads(x, x_b, labels):
     linear, towers = make_models()
     info_nce_loss(linear(x), labels, TAU).backward()
     clip_loss(*towers(x, x_b), TAU).backward()
-    return flat_grad(linear), flat_grad(towers)
+    want_clip = flat_grad(towers)
+    towers.zero_grad()
+    learned = clip_with_learned_scale()
+    pairs = torch.arange(x.shape[0]).repeat(2)
+    learned(pair_layout(towers, x, x_b), pairs).backward()
+    want_learned = torch.cat([flat_grad(towers), learned.terms[0].logit_scale.grad.flatten()])
+    return flat_grad(linear), want_clip, want_learned
 
 
 def mean_of_rank_means_grad(x, labels, world_size):
@@ -99,7 +125,7 @@ def runs(request):
 @pytest.mark.slow
 @pytest.mark.parametrize("path", ["dense", "tiled"])
 def test_info_nce_ddp_gradient_equals_single_process(runs, path):
-    world_size, results, (want, _), (x, labels) = runs
+    world_size, results, (want, _, _), (x, labels) = runs
     stats = [r[path + "_stats"] for r in results]
     assert [s["tiled"] for s in stats] == [float(path == "tiled")] * world_size
     local_valid = [s["anchors_with_positive_local"] for s in stats]
@@ -113,6 +139,12 @@ def test_info_nce_ddp_gradient_equals_single_process(runs, path):
 
 @pytest.mark.slow
 def test_clip_ddp_gradient_equals_single_process(runs):
-    world_size, results, (_, want), _ = runs
+    world_size, results, (_, want, want_learned), _ = runs
+    assert abs(float(want_learned[-1])) > 1e-3  # the logit scale has a gradient worth checking
     for r in results:
         assert_close_rel(torch.from_numpy(r["clip"]), want, 1e-10)
+        assert_close_rel(torch.from_numpy(r["clip_learned"]), want_learned, 1e-10)
+        # the logit scale's gradient alone, relative to itself
+        assert_close_rel(torch.from_numpy(r["clip_learned"][-1:]), want_learned[-1:], 1e-10)
+    # without average_loss_grads each rank would keep the gradient of its own share
+    assert any(abs(float(r["logit_scale_share"]) - float(want_learned[-1])) > 1e-6 for r in results)

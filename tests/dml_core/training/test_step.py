@@ -50,3 +50,34 @@ def test_non_finite_loss_raises_before_update():
     with pytest.raises(FloatingPointError, match="step 7"):
         train_step(model, Bad(), x, y, None, opt, step=7)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def _count_training_step(rank, world, kind):
+    from dml_core.losses import TCM, DecomposableLoss, DistributedLoss, InfoNCE
+    from dml_core.training.loop import global_mean
+    from tests.dml_core.losses.test_collectives import counting
+
+    torch.manual_seed(0)
+    model = torch.nn.parallel.DistributedDataParallel(build_model("small_cnn", embedding_dim=8, image_size=8,
+                                                                  norm="group"))
+    base = InfoNCE() if kind == "info_nce" else DecomposableLoss(num_samples=24)
+    loss = DistributedLoss(base + TCM())
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    x, y = data()
+    with counting() as counts:
+        stats = train_step(model, loss, x, y, torch.arange(12) + 12 * rank, opt)
+        global_mean(stats, world, torch.device("cpu"))
+    return dict(counts)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["info_nce", "decomposable"])
+def test_one_training_step_makes_at_most_two_gathers_and_no_object_collective(gloo, kind):
+    """The Python-level collectives of one DDP step (`train_step` + the stats mean); DDP's own gradient
+    all-reduce runs in its C++ reducer, outside this count."""
+    from tests.dml_core.losses.test_collectives import OBJECT_COLLECTIVES
+
+    for counts in gloo(_count_training_step, 2, kind):
+        gathers = sum(n for name, n in counts.items() if "gather" in name)
+        assert 1 <= gathers <= 2, counts
+        assert not OBJECT_COLLECTIVES & counts.keys(), counts

@@ -157,3 +157,36 @@ class SeaweedS3:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run a server until Ctrl-C. Keys come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY when set;
+    otherwise a new secret is written to `<dir>/credentials.env` (mode 600), never printed."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description="A local SeaweedFS S3 server on 127.0.0.1 for development.")
+    ap.add_argument("--bucket", default="dml")
+    ap.add_argument("--dir", default=None, help="data folder (default: a temporary one, removed on exit)")
+    args = ap.parse_args(argv)
+    keys = {"access_key": os.environ.get("AWS_ACCESS_KEY_ID", "dml-local"),
+            "secret_key": os.environ.get("AWS_SECRET_ACCESS_KEY")}
+    with SeaweedS3(bucket=args.bucket, workdir=args.dir, die_with_parent=False, **keys) as s3:
+        env = s3.client_env()
+        print(f"SeaweedFS S3 is up at {s3.endpoint_url}; dataset and run roots: {s3.url('<prefix>')}")
+        if keys["secret_key"] is None:
+            creds = s3.workdir / "credentials.env"
+            creds.write_text("".join(f"export {k}={v}\n" for k, v in env.items()))
+            creds.chmod(0o600)
+            print(f"in the shells that use it: source {creds}")
+        else:
+            print(f"in the shells that use it: export AWS_ENDPOINT_URL={env['AWS_ENDPOINT_URL']}")
+        print("Ctrl-C stops the server", flush=True)
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `kill` stops it cleanly too
+        try:
+            signal.pause()
+        except KeyboardInterrupt:
+            pass
+
+
+if __name__ == "__main__":
+    main()

@@ -1,7 +1,7 @@
 import pytest
 
-from dml_core.data import storage
-from dml_core.data.s3_server import SeaweedS3, _port_free, find_weed
+from dml_core import storage
+from infra.seaweedfs import SeaweedS3, _port_free, find_weed
 
 pytestmark = pytest.mark.slow
 
