@@ -1,10 +1,11 @@
 """Training throughput (samples/s, global) of Ray Train with 1 and 2 workers against a plain
 single-process PyTorch loop, on the same model, loss and Fashion-MNIST shards, in one run.
 
-    python benchmarks/train_throughput.py --steps 60 --batch-size 64 --k 16
+    python benchmarks/train_throughput.py --steps 100 --batch-size 64 --k 16 --repeats 3
 
 Writes benchmarks/results/train_throughput.json and .md. Samples/s is the median over the steps after
-`--warmup` of (global batch / time between consecutive step ends), data loading included.
+`--warmup` of (global batch / time between consecutive step ends), data loading included; the three
+setups run in interleaved rounds and each figure is the median round.
 """
 from __future__ import annotations
 
@@ -81,6 +82,12 @@ def ray_run(cfg) -> list[float]:
     return [r["samples_per_s"] for r in recs if "samples_per_s" in r]
 
 
+def shutdown_ray() -> None:
+    import ray
+
+    ray.shutdown()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=60)
@@ -92,20 +99,30 @@ def main() -> None:
     ap.add_argument("--loss", default="info_nce")
     ap.add_argument("--cpus-per-worker", type=int, default=1)
     ap.add_argument("--per-class", type=int, default=300, help="Fashion-MNIST images per class to shard")
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds of the three setups")
     args = ap.parse_args()
 
     load_before = os.getloadavg()
+    runs = [("plain PyTorch, 1 process", None), ("Ray Train, 1 worker", 1), ("Ray Train, 2 workers", 2)]
+    medians: dict[str, list[float]] = {label: [] for label, _ in runs}
+    fast: dict[str, list[float]] = {label: [] for label, _ in runs}  # 90th percentile of the step rates
     with tempfile.TemporaryDirectory(prefix="dml-bench-") as root:
         data = shard(root, args.per_class)
-        results = {}
-        runs = [("plain PyTorch, 1 process", None), ("Ray Train, 1 worker", 1), ("Ray Train, 2 workers", 2)]
-        for label, workers in runs:
-            cfg = make_config(root, data, f"bench-{workers or 0}", workers or 1, args)
-            rates = plain_loop(cfg, data, args) if workers is None else ray_run(cfg)
-            steady = rates[args.warmup:] or rates
-            results[label] = {"workers": workers or 1, "global_batch": args.batch_size * (workers or 1),
-                              "samples_per_s": statistics.median(steady), "steps_measured": len(steady)}
-            print(f"{label}: {results[label]['samples_per_s']:.0f} samples/s", flush=True)
+        for rep in range(args.repeats):  # interleaved, so a change in machine load hits every setup alike
+            for label, workers in runs:
+                cfg = make_config(root, data, f"bench-{workers or 0}-{rep}", workers or 1, args)
+                rates = plain_loop(cfg, data, args) if workers is None else ray_run(cfg)
+                steady = rates[args.warmup:] or rates
+                medians[label].append(statistics.median(steady))
+                fast[label].append(statistics.quantiles(steady, n=10)[-1])
+                print(f"round {rep + 1}: {label}: {medians[label][-1]:.0f} samples/s", flush=True)
+            shutdown_ray()  # the plain loop of the next round runs without Ray, as a user's would
+    plain = medians["plain PyTorch, 1 process"]
+    results = {label: {"workers": workers or 1, "global_batch": args.batch_size * (workers or 1),
+                       "samples_per_s": statistics.median(medians[label]), "per_round": medians[label],
+                       "vs_plain_per_round": [m / p for m, p in zip(medians[label], plain)],
+                       "fast_vs_plain_per_round": [f / p for f, p in zip(fast[label], fast[runs[0][0]])]}
+               for label, workers in runs}
 
     meta = {"command": "python " + " ".join(sys.argv), "steps": args.steps, "warmup": args.warmup,
             "batch_size_per_worker": args.batch_size, "backbone": args.backbone, "widths": args.widths,
@@ -118,18 +135,25 @@ def main() -> None:
         json.dump({"meta": meta, "results": results}, f, indent=1)
     one, two = results["Ray Train, 1 worker"], results["Ray Train, 2 workers"]
     step_1, step_2 = (r["global_batch"] / r["samples_per_s"] for r in (one, two))
-    meta["ray_1_worker_vs_plain"] = one["samples_per_s"] / results["plain PyTorch, 1 process"]["samples_per_s"]
+    meta["ray_1_worker_vs_plain"] = statistics.median(one["vs_plain_per_round"])
+    meta["ray_1_worker_vs_plain_fast_steps"] = statistics.median(one["fast_vs_plain_per_round"])
     meta["step_s_1_worker"], meta["step_s_2_workers"] = step_1, step_2
     meta["communication_share_2_workers"] = 1 - step_1 / step_2  # same per-worker batch and compute
     lines = ["# Training throughput", "", f"Command: `{meta['command']}`", "",
              f"{meta['cpu_count']} CPUs, torch {meta['torch']}, {args.backbone} {args.widths}, {args.loss}, "
-             f"{args.batch_size} images per worker per step, median over steps {args.warmup + 1}..{args.steps}.", "",
+             f"{args.batch_size} images per worker per step, median over steps {args.warmup + 1}..{args.steps}; "
+             f"{args.repeats} interleaved rounds, the table shows the median round.", "",
              f"Machine load (1/5/15-min load average) before: {meta['loadavg_1_5_15_before']}, after: "
              f"{meta['loadavg_1_5_15_after']} (a shared machine; the runs themselves add up to 2).", "",
-             "| setup | workers | global batch | samples/s |", "|---|---|---|---|"]
+             "| setup | workers | global batch | samples/s | each round | vs plain, each round |",
+             "|---|---|---|---|---|---|"]
     for label, r in results.items():
-        lines.append(f"| {label} | {r['workers']} | {r['global_batch']} | {r['samples_per_s']:.0f} |")
-    lines += ["", f"Ray Train with 1 worker runs at {meta['ray_1_worker_vs_plain']:.2f}x plain PyTorch. "
+        rounds = ", ".join(f"{x:.0f}" for x in r["per_round"])
+        ratios = ", ".join(f"{x:.2f}" for x in r["vs_plain_per_round"])
+        lines.append(f"| {label} | {r['workers']} | {r['global_batch']} | {r['samples_per_s']:.0f} | {rounds} | {ratios} |")
+    lines += ["", f"Ray Train with 1 worker runs at {meta['ray_1_worker_vs_plain']:.2f}x plain PyTorch (median of the "
+              f"rounds' ratios of median step rates; {meta['ray_1_worker_vs_plain_fast_steps']:.2f}x on the fast "
+              f"steps, the 90th percentile of step rates, which steal time on a shared machine disturbs least). "
               f"Step time {step_1 * 1e3:.0f} ms with 1 worker and {step_2 * 1e3:.0f} ms with 2 (the same batch and "
               f"compute per worker): communication and synchronisation take "
               f"{meta['communication_share_2_workers']:.0%} of a 2-worker step (one all-gather of the batch, "

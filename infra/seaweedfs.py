@@ -1,8 +1,8 @@
 """A local S3 endpoint for tests and laptops: SeaweedFS's all-in-one `weed mini`, bound to 127.0.0.1.
+A development tool, not part of the library: `python infra/seaweedfs.py --bucket dml` runs one until Ctrl-C.
 
     with SeaweedS3(bucket="dml") as s3:       # free ports, data and log in a temp dir
-        storage.configure(endpoint_url=s3.endpoint_url)
-        os.environ.update(s3.client_env())      # credentials for s3fs / boto3 in this process
+        os.environ.update(s3.client_env())      # credentials and AWS_ENDPOINT_URL for s3fs / boto3 / workers
         shard_dataset(src, s3.url("demo"), "fmnist")
 
 The access keys are handed to weed through its environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY,

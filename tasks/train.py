@@ -35,7 +35,11 @@ def _report(metrics: dict, checkpoint_dir: str | None) -> None:
 
 def train_worker(loop_config: dict) -> dict:
     """Ray Train entry point on every worker."""
+    import gc
+
     import torch
+
+    gc.freeze()  # Ray's many long-lived objects stay out of the collections each training step triggers
 
     cfg = config_from_dict(loop_config["config"])
     manifest = loop_config["manifest"]

@@ -67,10 +67,6 @@ class SplitInfo:
         """Labels below the largest one that have no sample (empty when labels are contiguous from 0)."""
         return sorted(set(range(self.num_labels)) - set(self.classes))
 
-    @property
-    def labels_contiguous(self) -> bool:
-        return not self.missing_labels
-
     def to_dict(self) -> dict:
         out: dict[str, Any] = {"count": self.count, "classes": {str(c): n for c, n in sorted(self.classes.items())}}
         if self.id_range is not None:

@@ -25,7 +25,7 @@ def bct_prototypes(cfg: "Config", manifest: "Manifest", rank: int = 0, world_siz
     old = embed_split(cfg.loss.bct.old_checkpoint, manifest, "train", rank=rank, world_size=world_size,
                       batch_size=cfg.data.eval_batch_size, num_workers=cfg.data.loader_workers, device=device,
                       endpoint_url=cfg.storage.endpoint_url)
-    sums, counts = prototype_sums(old.z, old.labels, manifest.split("train").num_labels)
+    sums, counts = prototype_sums(old.z, old.labels, manifest.num_train_labels)
     if world_size > 1:
         both = torch.cat([sums, counts[:, None]], dim=1).to(device)
         dist.all_reduce(both)

@@ -73,7 +73,7 @@ def test_split_helpers_and_training_label_facts(dataset):
     train = m.split("train")
     assert train.labels == [0, 1, 2] and train.classes == {0: 6, 1: 6, 2: 6}
     assert train.classes_with_at_least(6) == 3 and train.classes_with_at_least(7) == 0
-    assert train.num_labels == m.num_train_labels == 3 and train.labels_contiguous
+    assert train.num_labels == m.num_train_labels == 3 and not train.missing_labels
     assert m.split("eval").missing_labels == [0, 1, 2]  # evaluation labels come after the training ones
     with pytest.raises(UnknownSplit, match=f"split 'test' not in manifest {m.manifest_url}"):
         m.split("test")
@@ -84,7 +84,7 @@ def test_split_helpers_and_training_label_facts(dataset):
 def test_label_facts_of_a_split_with_gaps_and_singletons():
     s = SplitInfo(count=6, classes={0: 1, 2: 4, 3: 1}, shards=[ShardInfo("train-000000.tar", 6, 10240, "0" * 64)])
     assert s.labels == [0, 2, 3] and s.classes_with_at_least(2) == 1 and s.classes_with_at_least(1) == 3
-    assert s.num_labels == 4 and s.missing_labels == [1] and not s.labels_contiguous
+    assert s.num_labels == 4 and s.missing_labels == [1]
 
 
 URL = "/data/datasets/syn/0123456789ab"

@@ -31,10 +31,10 @@ def test_prototypes_of_two_ranks_equal_a_naive_loop_over_the_split(tmp_path, fmn
     torch.testing.assert_close(protos[0], protos[1], rtol=0, atol=0)  # every rank holds the same matrix
 
     z, labels, _ = embed_split(str(tmp_path / "old"), manifest, "train")
-    expected = torch.zeros(manifest.split("train").num_labels, 8, dtype=torch.float64)
+    expected = torch.zeros(manifest.num_train_labels, 8, dtype=torch.float64)
     for c in labels.unique().tolist():
         rows = [zi.double() / zi.double().norm() for zi, li in zip(z, labels) if li == c]
         mean = sum(rows) / len(rows)
         expected[c] = mean / mean.norm()
     torch.testing.assert_close(protos[0].double(), expected, rtol=1e-5, atol=1e-6)
-    assert protos[0].shape == (manifest.split("train").num_labels, 8)
+    assert protos[0].shape == (manifest.num_train_labels, 8)
