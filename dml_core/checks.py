@@ -1,6 +1,9 @@
 """Input validation shared by losses and metrics: clear errors instead of silent NaNs."""
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 
 
@@ -42,3 +45,59 @@ def check_labels(labels: torch.Tensor, n: int, name: str = "z") -> None:
 
 def l2_normalize(z: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(z, dim=1)
+
+
+# ---- shared input conversion and parameter checks of the functional forms (METHODS.md 7) ----
+
+def as_tensor(x, name: str, *, detach: bool = False) -> torch.Tensor:
+    """A torch tensor from a tensor, a NumPy array or a (nested) list; a tensor is never copied.
+
+    `detach=True` drops the autograd graph (metrics); losses keep it so that gradients flow to `z`.
+    """
+    if isinstance(x, torch.Tensor):
+        return x.detach() if detach else x
+    if isinstance(x, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(x))
+    if isinstance(x, (list, tuple)):
+        try:
+            return torch.as_tensor(x)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise TypeError(f"{name}: cannot convert the list to a tensor ({e})") from None
+    raise TypeError(f"{name} must be a torch.Tensor, NumPy array or list, got {type(x).__name__}")
+
+
+def embedding_inputs(z, labels, name: str = "z") -> tuple[torch.Tensor, torch.Tensor]:
+    """(z, labels) as tensors for a functional loss: tensors, NumPy arrays or lists in.
+
+    `z` keeps its autograd graph and dtype (a NumPy float64 array stays float64); integer labels become
+    int64 on `z`'s device. Shapes and values are checked later by `check_embeddings` (EmbeddingBatch.local).
+    """
+    z = as_tensor(z, name)
+    labels = as_tensor(labels, f"labels of {name}")
+    if not (labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool):
+        labels = labels.long()
+    return z, labels.to(z.device)
+
+
+def _real(value, name: str, owner: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        if not (isinstance(value, torch.Tensor) and value.numel() == 1 and not value.requires_grad):
+            raise TypeError(f"{owner}: {name} must be a real number, got {type(value).__name__}")
+    return float(value)
+
+
+def check_positive(value, name: str, owner: str) -> float:
+    """`float(value)` when it is a finite number > 0; otherwise a ValueError (TypeError for a non-number)."""
+    v = _real(value, name, owner)
+    if not (math.isfinite(v) and v > 0):
+        raise ValueError(f"{owner}: {name} must be > 0 and finite, got {value}")
+    return v
+
+
+def check_int(value, name: str, owner: str, minimum: int) -> int:
+    """`int(value)` when it is an integer >= `minimum`; otherwise a ValueError (TypeError for a non-integer)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{owner}: {name} must be an integer, got {type(value).__name__} {value!r}")
+    if int(value) < minimum:
+        raise ValueError(f"{owner}: {name} must be >= {minimum}, got {value}")
+    return int(value)

@@ -24,7 +24,7 @@ class ConfigError(ValueError):
 @dataclass
 class RunSection:
     name: str = "run"
-    root: str = "./dml_storage"  # storage root: local directory or s3://bucket/prefix
+    root: str = "./dml_storage"  # storage root: local directory (made absolute at load) or s3://bucket/prefix
 
 
 @dataclass
@@ -46,7 +46,9 @@ class ModelSection:
     embedding_dim: int = 128
     image_size: int = 28
     in_channels: int = 1
-    backbone_options: dict[str, Any] = field(default_factory=dict)  # e.g. small_cnn: {widths: [16, 32]}
+    # e.g. small_cnn: {widths: [16, 32]}. small_cnn / resnet*: `norm` is batch (default), frozen_batch or group
+    # (small_cnn also none); gradient caching needs frozen_batch or group (METHODS.md 1.4)
+    backbone_options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -86,7 +88,7 @@ class TrainSection:
     weight_decay: float = 1e-4
     grad_cache_chunk: Optional[int] = None  # None: no gradient caching
     checkpoint_every: int = 100
-    keep_best: int = 2
+    keep_best: int = 2  # checkpoints kept, ranked by loss_avg (mean training loss since the previous one) + the latest
     seed: int = 0
     log_every: int = 10
 
@@ -154,7 +156,21 @@ def config_from_dict(raw: dict, source: str = "config") -> Config:
     """Build and validate a `Config` from plain data (a parsed YAML file or `Config.to_dict()`)."""
     cfg = _build(Config, raw, prefix="", source=source)
     validate(cfg, source)
+    _absolute_local_paths(cfg)
     return cfg
+
+
+def _absolute_local_paths(cfg: Config) -> None:
+    """Relative local roots become absolute, here in the caller's working directory: Ray's workers run
+    elsewhere and would not find `./dml_storage`."""
+    from dml_core import storage
+
+    def absolute(url: str | None) -> str | None:
+        return storage.local_path(url) if url and storage.is_local(url) else url
+
+    cfg.run.root, cfg.data.root = absolute(cfg.run.root), absolute(cfg.data.root)
+    if cfg.loss.bct is not None:
+        cfg.loss.bct.old_checkpoint = absolute(cfg.loss.bct.old_checkpoint)
 
 
 def _deep_merge(base: dict, over: dict) -> dict:
@@ -258,6 +274,7 @@ def validate(cfg: Config, source: str = "config") -> None:
         _term_check("loss.bct", lambda: bct.check_params(cfg.loss.bct.lambda_bct, cfg.loss.bct.tau_bct), bad)
     if cfg.train.grad_cache_chunk is not None and cfg.train.grad_cache_chunk > cfg.data.batch_size:
         bad("train.grad_cache_chunk", "must not exceed data.batch_size")
+    _check_norm(cfg, bad)
     for res, amount in cfg.ray.resources_per_worker.items():
         if amount < 0:
             bad(f"ray.resources_per_worker.{res}", f"must be >= 0, got {amount}")
@@ -269,6 +286,30 @@ def _term_check(name: str, check, bad) -> None:
         check()
     except ValueError as e:
         bad(name, f"is invalid: {e}")
+
+
+def _check_norm(cfg: Config, bad) -> None:
+    """`model.backbone_options.norm` of the built-in backbones, and gradient caching only with per-sample
+    normalisation (METHODS.md 1.4: BatchNorm in training mode is not exact in chunks)."""
+    from dml_core.models.norm import NORMS
+    from dml_core.models.registry import BACKBONES, DEFAULT_NORM, NORM_BACKBONES
+    from dml_core.models.small_cnn import SMALL_CNN_NORMS
+
+    backbone, options = cfg.model.backbone, cfg.model.backbone_options
+    if backbone in NORM_BACKBONES:
+        allowed = SMALL_CNN_NORMS if backbone == "small_cnn" else NORMS
+        norm = options.get("norm", DEFAULT_NORM)
+        if norm not in allowed:
+            bad("model.backbone_options.norm", f"must be one of {', '.join(sorted(allowed))}, got {norm!r}")
+        if cfg.train.grad_cache_chunk is not None and norm == "batch":
+            default = "" if "norm" in options else f" ({backbone}'s default)"
+            bad("train.grad_cache_chunk",
+                f"with model.backbone_options.norm=batch{default}: BatchNorm in training mode makes a "
+                "chunked step differ from the full batch (statistics per chunk); set model.backbone_options.norm "
+                "to group or frozen_batch, or drop train.grad_cache_chunk")
+    elif backbone in BACKBONES and "norm" in options:
+        bad("model.backbone_options.norm", f"is not an option of {backbone} (it uses LayerNorm, per-sample); "
+                                           f"backbones with a norm option: {', '.join(NORM_BACKBONES)}")
 
 
 def _check_backbone(name: str, bad) -> None:

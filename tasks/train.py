@@ -15,7 +15,7 @@ from dml_core import storage
 from dml_core.config import Config, config_from_dict
 from dml_core.training.loop import Worker, fit
 from dml_core.training.preflight import preflight
-from dml_core.training.state import CHECKPOINTS, checkpoint_dir_name
+from dml_core.training.state import CHECKPOINTS, checkpoint_dir_name, prune_checkpoints
 from tasks import ray_runtime
 
 
@@ -61,12 +61,19 @@ def ray_storage(url: str):
     return path, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
 
 
+def _dir_name(checkpoint) -> str:
+    return checkpoint.path.rstrip("/").rsplit("/", 1)[-1]
+
+
 def checkpoint_url(run: str, checkpoint) -> str | None:
-    return None if checkpoint is None else storage.join(run, CHECKPOINTS, checkpoint.path.rstrip("/").rsplit("/", 1)[-1])
+    return None if checkpoint is None else storage.join(run, CHECKPOINTS, _dir_name(checkpoint))
 
 
 def run_training(cfg: Config, on_step: Callable[[int, int], None] | None = None) -> TrainingResult:
     """Check, then train `cfg` on Ray (resuming `run.name` if it has checkpoints).
+
+    Ray keeps the `train.keep_best` checkpoints with the lowest `loss_avg` (the mean training loss since the
+    previous checkpoint) and the latest; any other checkpoint directory left in the run is removed at the end.
 
     `on_step(step, rank)` (picklable) runs on every worker before every step: a hook for callers that
     watch or perturb training, such as the fault-injection tests.
@@ -97,6 +104,11 @@ def run_training(cfg: Config, on_step: Callable[[int, int], None] | None = None)
     result = trainer.fit()
     if result.error is not None:
         raise result.error
+    kept = {_dir_name(c) for c, _ in result.best_checkpoints or []}
+    if result.checkpoint is not None:
+        kept.add(_dir_name(result.checkpoint))
+    for url in prune_checkpoints(storage.join(run, CHECKPOINTS), kept):
+        print(f"[train] removed {url}: a checkpoint Ray did not keep (train.keep_best ranks by loss_avg)", flush=True)
     return TrainingResult(run_dir=run, checkpoint=checkpoint_url(run, result.checkpoint),
                           metrics=dict(result.metrics or {}), final=dict(result.return_value or {}),
                           ray_result=result)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from dml_core.checks import check_int, check_positive, embedding_inputs
 from dml_core.distributed import ddp_scale
 from dml_core.losses.base import EmbeddingLoss
 from dml_core.losses.batch import EmbeddingBatch
@@ -43,15 +44,26 @@ def _no_positive_error(n: int) -> ValueError:
     )
 
 
-def info_nce_loss(z: torch.Tensor, labels: torch.Tensor, tau: float = 0.1) -> torch.Tensor:
+def _check_params(tau, tile_size, tiled_above, owner: str) -> tuple[float, int, int]:
+    return (check_positive(tau, "tau", owner), check_int(tile_size, "tile_size", owner, 1),
+            check_int(tiled_above, "tiled_above", owner, 0))
+
+
+def info_nce_loss(z, labels, tau: float = 0.1, tile_size: int = 1024, tiled_above: int = 8192) -> torch.Tensor:
     """Supervised InfoNCE of one process's batch (METHODS.md 7): mean over anchors that have a positive.
 
-    `z` (N, D) raw embeddings (L2-normalised here), `labels` (N,) integers. Returns a scalar tensor.
+    `z` (N, D) raw embeddings (L2-normalised here), `labels` (N,) integers; tensors, NumPy arrays or lists.
+    Returns a scalar tensor. Above `tiled_above` items (0 forces it) the tiled path computes the same loss
+    without ever building the N x N logits (METHODS.md 1.3), `tile_size` anchor rows at a time.
     """
-    batch = EmbeddingBatch.local(z, labels)
+    tau, tile_size, tiled_above = _check_params(tau, tile_size, tiled_above, "info_nce_loss")
+    batch = EmbeddingBatch.local(*embedding_inputs(z, labels))
     n_valid = int(batch.has_pos_k.sum())
     if n_valid == 0:
-        raise _no_positive_error(z.shape[0])
+        raise _no_positive_error(batch.k.shape[0])
+    if batch.k.shape[0] > tiled_above:
+        return tiled_info_nce_sum(batch.q, batch.k, batch.labels_q, batch.labels_k, 0, tau, tile_size,
+                                  1.0 / n_valid)
     return _dense_rows(batch, tau).sum() / n_valid
 
 
@@ -69,11 +81,7 @@ class InfoNCE(EmbeddingLoss):
 
     def __init__(self, tau: float = 0.1, tile_size: int = 1024, tiled_above: int = 8192) -> None:
         super().__init__()
-        if tau <= 0:
-            raise ValueError(f"InfoNCE: tau must be > 0, got {tau}")
-        if tile_size < 1:
-            raise ValueError(f"InfoNCE: tile_size must be >= 1, got {tile_size}")
-        self.tau, self.tile_size, self.tiled_above = float(tau), int(tile_size), int(tiled_above)
+        self.tau, self.tile_size, self.tiled_above = _check_params(tau, tile_size, tiled_above, "InfoNCE")
 
     def compute(self, batch: EmbeddingBatch) -> torch.Tensor:
         # Every rank sees the same global labels, so they agree on n_valid without communicating.

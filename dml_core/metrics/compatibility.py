@@ -17,6 +17,9 @@ import numpy as np
 from dml_core.metrics.retrieval import RetrievalResult, evaluate_retrieval
 
 METRICS = ("recall_at_1", "map_at_r")
+# Comparisons at a threshold (METHODS 6): a difference within this of the threshold counts as on it, so
+# 29/100 - 28/100 >= 0.01 holds although it is 0.01 - 4.7e-17 in floating point.
+THRESHOLD_TOLERANCE = 1e-9
 
 
 @dataclass
@@ -29,15 +32,27 @@ class CrossModelScores:
     new_old: float
     ref_ref: float | None  # None when no reference model was given (then new_new is the reference)
     ref_model: str  # "ref" or "new": whose self-score the update gain divides by
-    criterion: bool  # M(new,old) > M(old,old)
-    update_gain: float | None  # None when M(ref,ref) == M(old,old) (the ratio is undefined)
+    criterion: bool  # M(new,old) > M(old,old) (by more than THRESHOLD_TOLERANCE)
+    update_gain: float | None  # None when M(ref,ref) <= M(old,old): no improvement to share
+    update_gain_reason: str | None = None  # why update_gain is None (None when it is a number)
 
     @classmethod
     def build(cls, metric, old_old, new_new, new_old, ref_ref=None):
         ref_model, ref_score = ("ref", ref_ref) if ref_ref is not None else ("new", new_new)
-        den = ref_score - old_old
-        gain = (new_old - old_old) / den if den != 0 else None
-        return cls(metric, old_old, new_new, new_old, ref_ref, ref_model, new_old > old_old, gain)
+        gain, reason = update_gain(metric, old_old, new_old, ref_score, ref_model)
+        criterion = new_old - old_old > THRESHOLD_TOLERANCE
+        return cls(metric, old_old, new_new, new_old, ref_ref, ref_model, criterion, gain, reason)
+
+
+def update_gain(metric: str, old_old: float, new_old: float, ref_ref: float,
+                ref_model: str = "ref") -> tuple[float | None, str | None]:
+    """(gain, None) with gain = (M(new,old) - M(old,old)) / (M(ref,ref) - M(old,old)) (METHODS 6), or
+    (None, reason) when M(ref,ref) <= M(old,old) (within THRESHOLD_TOLERANCE): no improvement to share."""
+    den = ref_ref - old_old
+    if den <= THRESHOLD_TOLERANCE:
+        return None, (f"{metric}({ref_model},{ref_model}) = {ref_ref:.6g} <= {metric}(old,old) = {old_old:.6g}: "
+                      f"the {ref_model} model does not improve on the old one, so there is no improvement to share")
+    return (new_old - old_old) / den, None
 
 
 @dataclass

@@ -2,13 +2,15 @@
 
 Allowed when the compatibility criterion holds, NFR(new,old) <= max_nfr and M(new,old) - M(old,old) >= min_gain.
 Each condition is reported with its measured value, threshold, margin (positive = room to spare) and verdict.
+A comparison at its threshold uses a tolerance of THRESHOLD_TOLERANCE (1e-9): 29/100 - 28/100 >= 0.01 holds
+(margin -4.7e-17 in floating point), and the strict criterion needs a margin above the tolerance.
 """
 from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
 
-from dml_core.metrics.compatibility import METRICS, CompatibilityResult
+from dml_core.metrics.compatibility import METRICS, THRESHOLD_TOLERANCE, CompatibilityResult
 
 ALLOW_ACTION = "serve new queries against the old gallery index"
 BACKFILL_ACTION = "backfill the gallery with the new model"
@@ -23,6 +25,7 @@ class GateCondition:
     margin: float
     passed: bool
     description: str
+    tolerance: float = THRESHOLD_TOLERANCE  # margins within this of 0 count as on the threshold
 
 
 @dataclass
@@ -68,12 +71,14 @@ class UpdateGate:
         s = compat.scores[self.metric]
         nfr = compat.flips["new_old"].nfr
         gain = s.new_old - s.old_old
+        tol = THRESHOLD_TOLERANCE
+        m_crit, m_nfr, m_gain = s.new_old - s.old_old, self.max_nfr - nfr, gain - self.min_gain
         conds = [
-            GateCondition("criterion", s.new_old, s.old_old, ">", s.new_old - s.old_old, s.new_old > s.old_old,
+            GateCondition("criterion", s.new_old, s.old_old, ">", m_crit, m_crit > tol,
                           f"{self.metric}(new,old) must exceed {self.metric}(old,old)"),
-            GateCondition("nfr", nfr, self.max_nfr, "<=", self.max_nfr - nfr, nfr <= self.max_nfr,
+            GateCondition("nfr", nfr, self.max_nfr, "<=", m_nfr, m_nfr >= -tol,
                           "negative flip rate of new queries against the old gallery"),
-            GateCondition("gain", gain, self.min_gain, ">=", gain - self.min_gain, gain >= self.min_gain,
+            GateCondition("gain", gain, self.min_gain, ">=", m_gain, m_gain >= -tol,
                           f"{self.metric}(new,old) - {self.metric}(old,old)"),
         ]
         allowed = all(c.passed for c in conds)

@@ -1,21 +1,14 @@
 """Turn user input (tensors or arrays) into validated, L2-normalised embeddings and integer labels."""
 from __future__ import annotations
 
-import numpy as np
 import torch
 
-from dml_core.checks import check_embeddings, check_labels, l2_normalize
+from dml_core.checks import as_tensor as _as_tensor, check_embeddings, check_labels, l2_normalize
 
 
 def as_tensor(x, name: str) -> torch.Tensor:
-    """Accept a torch tensor, a NumPy array or a list; never copy a tensor that is already one."""
-    if isinstance(x, torch.Tensor):
-        return x.detach()
-    if isinstance(x, np.ndarray):
-        return torch.from_numpy(np.ascontiguousarray(x))
-    if isinstance(x, (list, tuple)):
-        return torch.as_tensor(x)
-    raise TypeError(f"{name} must be a torch.Tensor, NumPy array or list, got {type(x).__name__}")
+    """Accept a torch tensor, a NumPy array or a list; never copy a tensor that is already one (detached)."""
+    return _as_tensor(x, name, detach=True)
 
 
 def prepare(z, labels, name: str = "z") -> tuple[torch.Tensor, torch.Tensor]:

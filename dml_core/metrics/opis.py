@@ -5,16 +5,21 @@ sets: all positive pairs are still used; every member of a class is paired with 
 `max_neg_per_class` items drawn uniformly from the other classes (so a class gets roughly
 size * max_neg_per_class negative pairs; all of its negatives once the cap reaches N - largest class);
 the calibration quantiles and the pooled negatives come from `num_calibration_pairs` uniform negative
-pairs. The sample sizes actually used are recorded in `result.sampling`.
+pairs. The sample sizes actually used are recorded in `result.sampling`. When the cap covers every
+negative (`max_neg_per_class >= N - largest class size`) nothing is sampled: the calibration range and the
+pooled curve come from all negative pairs too, the result equals the exact path and
+`sampling["exact_negatives"]` is True (it is True only then).
 Choices fixed here: items of classes with < 2 members still serve as negatives of the other classes and
-in the pooled curve; the eps-OPIS ranking is ascending mean utility, ties broken by label order; the
-worst set has ceil(eps * C) classes (eps * C rounded to 9 decimals first, so 0.1 * 30 gives 3).
+in the pooled curve; the eps-OPIS ranking is ascending mean utility, ties (means within TIE_TOLERANCE, i.e.
+equal up to float rounding) broken by label order; the worst set has ceil(eps * C) classes computed in
+exact rational arithmetic on the decimal value of eps (0.07 * 100 gives 7, 0.1 * 30 gives 3).
 Cost of the exact path: three passes over the N^2 pairs (two when all negative distances fit in
 `max_calibration_buffer`), memory O(max_chunk_elements + C * K * (1 + 2 * plot_extend)).
 """
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import numpy as np
 import torch
@@ -25,6 +30,29 @@ from dml_core.metrics.opis_counts import (ClassCounts, counts_of, exact_class_co
                                           sampled_negative_class_counts)
 from dml_core.metrics.opis_result import OpisResult
 from dml_core.metrics.threshold_grid import make_grid
+
+
+# Mean utilities closer than this are a tie (they differ only by float rounding), ranked by class label.
+TIE_TOLERANCE = 1e-12
+
+
+def num_worst_classes(eps: float, num_classes: int) -> int:
+    """ceil(eps * C) in exact arithmetic on eps's decimal value (its shortest repr): 0.07 * 100 gives 7."""
+    return math.ceil(Fraction(repr(float(eps))) * int(num_classes))
+
+
+def rank_classes(mean_utility: np.ndarray, tol: float = TIE_TOLERANCE) -> np.ndarray:
+    """Indices by ascending mean utility; means within `tol` of the first of their run are tied and keep
+    index (= label) order."""
+    m = np.asarray(mean_utility, dtype=np.float64)
+    order = np.argsort(m, kind="stable")
+    group = np.empty(len(order), dtype=np.int64)
+    g, first = 0, None
+    for pos, i in enumerate(order):
+        if first is None or m[i] - first > tol:
+            g, first = g + 1, m[i]
+        group[pos] = g
+    return order[np.lexsort((order, group))]
 
 
 def utility(tar: np.ndarray, trr: np.ndarray, beta: float = 1.0) -> np.ndarray:
@@ -39,11 +67,11 @@ def opis_from_curves(class_u: np.ndarray, pooled_u: np.ndarray, eps: float) -> t
     """(OPIS, eps-OPIS, indices of the worst classes) from (C, K) class curves and the (K,) pooled curve."""
     c = class_u.shape[0]
     value = float(np.mean(np.mean((class_u - pooled_u[None, :]) ** 2, axis=1)))
-    n_worst = math.ceil(round(eps * c, 9))
+    n_worst = num_worst_classes(eps, c)
     if not 0 < n_worst < c:
         raise ValueError(f"eps-OPIS with eps={eps} and {c} evaluated classes leaves no worst or no rest set; "
                          "it needs at least two classes with two or more items")
-    order = np.argsort(class_u.mean(axis=1), kind="stable")
+    order = rank_classes(class_u.mean(axis=1))
     worst, rest = order[:n_worst], order[n_worst:]
     gap = class_u[worst].mean(axis=0) - class_u[rest].mean(axis=0)
     return value, float(np.mean(gap ** 2)), worst
@@ -95,29 +123,33 @@ def opis(z, labels, far_lo: float = 1e-3, far_hi: float = 1e-1, num_thresholds: 
     n = z.shape[0]
     sizes_cpu = sizes.cpu()
     num_neg_pairs = (n * n - int((sizes_cpu ** 2).sum())) // 2
-    if max_neg_per_class is None:
+    exhaustive = max_neg_per_class is not None and int(max_neg_per_class) >= n - int(sizes_cpu.max())
+    if max_neg_per_class is None or exhaustive:
         (t_lo, t_hi), calib_info = exact_negative_quantiles(
             zs, cls_s, start + sizes, qs, max_chunk_elements=max_chunk_elements,
             max_calibration_buffer=max_calibration_buffer)
         grid = make_grid(t_lo, t_hi, num_thresholds, plot_extend, z.dtype, z.device)
+    if max_neg_per_class is None:
         pos, neg = exact_class_counts(zs, cls_s, start, sizes, grid, max_chunk_elements)
         pooled_pos, pooled_neg = _pool(pos), _pool(neg)
         pos_pairs = pos.total // 2  # ordered pairs counted each positive pair twice (rates are unaffected)
         sampling, method = None, "exact"
     else:
         gen = torch.Generator().manual_seed(int(seed))
-        calib_d = sample_negative_distances(zs, cls_s, int(num_calibration_pairs), gen)
-        t_lo, t_hi = np.quantile(calib_d.double().numpy(), qs)
-        calib_info = {"method": "sampled", "num_calibration_pairs": int(num_calibration_pairs)}
-        grid = make_grid(t_lo, t_hi, num_thresholds, plot_extend, z.dtype, z.device)
+        if not exhaustive:
+            calib_d = sample_negative_distances(zs, cls_s, int(num_calibration_pairs), gen)
+            t_lo, t_hi = np.quantile(calib_d.double().numpy(), qs)
+            calib_info = {"method": "sampled", "num_calibration_pairs": int(num_calibration_pairs)}
+            grid = make_grid(t_lo, t_hi, num_thresholds, plot_extend, z.dtype, z.device)
         pos = positive_class_counts(zs, start, sizes, grid, max_chunk_elements)
         neg, pairs = sampled_negative_class_counts(zs, cls_s, uniq.numel(), max_neg_per_class, grid, gen,
                                                    max_chunk_elements)
-        pooled_pos, pooled_neg = _pool(pos), counts_of(calib_d, grid)
+        # with every negative at hand the pooled curve uses them all (each pair once per end, as the exact path)
+        pooled_pos, pooled_neg = _pool(pos), (_pool(neg) if exhaustive else counts_of(calib_d, grid))
         pos_pairs = pos.total
         sampling = {"max_neg_per_class": int(max_neg_per_class), "seed": int(seed),
-                    "num_calibration_pairs": int(num_calibration_pairs),
-                    "exact_negatives": int(max_neg_per_class) >= n - int(sizes_cpu.max()),
+                    "num_calibration_pairs": 0 if exhaustive else int(num_calibration_pairs),
+                    "exact_negatives": exhaustive, "exact_calibration": exhaustive,
                     "neg_pairs_per_class": pairs[evaluated.cpu()].numpy(),
                     "total_neg_pairs_sampled": int(pairs[evaluated.cpu()].sum()), "positives": "all pairs"}
         method = "sampled"

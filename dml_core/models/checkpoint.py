@@ -2,6 +2,7 @@
 uses torch.load(weights_only=True) and never runs pickled code."""
 from __future__ import annotations
 
+import copy
 import io
 import os
 from typing import Any
@@ -18,7 +19,7 @@ def model_checkpoint(model: EmbeddingModel) -> dict[str, Any]:
     if not model.spec:
         raise ValueError("model has no spec (it was not made by build_model), so it cannot be rebuilt on load")
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    return {"spec": dict(model.spec), "state_dict": state}
+    return {"spec": copy.deepcopy(model.spec), "state_dict": state}  # editing it leaves the model's spec alone
 
 
 def save_model(model: EmbeddingModel, url: str) -> None:

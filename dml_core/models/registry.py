@@ -16,6 +16,10 @@ from dml_core.models.vit import vit
 
 Builder = Callable[..., nn.Module]
 
+# Built-in backbones with a `norm=` option, and its default (models/norm.py). ViTs use LayerNorm, per-sample.
+NORM_BACKBONES = ("small_cnn", "resnet18", "resnet34", "resnet50", "resnet101")
+DEFAULT_NORM = "batch"
+
 
 def _small_cnn(in_channels: int, image_size: int, **kw: Any) -> nn.Module:
     return SmallCNN(in_channels=in_channels, **kw)
@@ -112,8 +116,11 @@ def build_model(name: str, embedding_dim: int = 128, in_channels: int = 1, image
                 head: str = "mlp", head_hidden_dim: int | None = None, **kwargs: Any) -> EmbeddingModel:
     """Backbone `name` + projection head to `embedding_dim` + L2 normalisation.
 
-    The returned model's `spec` holds these arguments, so `load_model` can rebuild it from a checkpoint.
+    The returned model's `spec` holds these arguments, so `load_model` can rebuild it from a checkpoint;
+    for a backbone with a `norm` option (NORM_BACKBONES) the spec records the norm even when defaulted.
     """
+    if name in NORM_BACKBONES:
+        kwargs.setdefault("norm", DEFAULT_NORM)
     backbone = build_backbone(name, in_channels=in_channels, image_size=image_size, **kwargs)
     proj = ProjectionHead(backbone.feature_dim, embedding_dim, kind=head, hidden_dim=head_hidden_dim)
     spec = {"name": name, "embedding_dim": embedding_dim, "in_channels": in_channels, "image_size": image_size,

@@ -7,29 +7,31 @@ import torch
 from torch import nn
 
 from dml_core.models.inputs import check_images
+from dml_core.models.norm import NORMS, check_norm, norm2d
+
+SMALL_CNN_NORMS = NORMS + ("none",)
 
 
 def _norm(kind: str, channels: int) -> nn.Module:
-    if kind == "batch":
-        return nn.BatchNorm2d(channels)
-    if kind == "group":
-        return nn.GroupNorm(min(8, channels), channels)
     if kind == "none":
         return nn.Identity()
-    raise ValueError(f"norm must be 'batch', 'group' or 'none', got {kind!r}")
+    return norm2d(kind, channels, groups=min(8, channels))
 
 
 class SmallCNN(nn.Module):
     """Stages of two 3x3 conv-norm-ReLU layers, each stage but the last followed by 2x2 max pooling;
-    global average pooling at the end makes it work on any input size of at least 2**(stages-1) px."""
+    global average pooling at the end makes it work on any input size of at least 2**(stages-1) px.
+
+    `norm`: "batch", "frozen_batch", "group" (see models/norm.py) or "none"."""
 
     def __init__(self, in_channels: int = 1, widths: Sequence[int] = (32, 64, 128), norm: str = "batch"):
         super().__init__()
+        check_norm(norm, SMALL_CNN_NORMS)
         if in_channels < 1:
             raise ValueError(f"in_channels must be >= 1, got {in_channels}")
         if len(widths) == 0 or any(w < 1 for w in widths):
             raise ValueError(f"widths must be a non-empty list of positive ints, got {list(widths)}")
-        self.in_channels = in_channels
+        self.in_channels, self.norm = in_channels, norm
         self.min_size = 2 ** (len(widths) - 1)
         layers: list[nn.Module] = []
         prev = in_channels

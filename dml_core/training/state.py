@@ -106,6 +106,22 @@ def newest_checkpoint(checkpoints_url: str) -> tuple[str, dict] | None:
     return None
 
 
+def prune_checkpoints(checkpoints_url: str, keep: set[str]) -> list[str]:
+    """Delete the `checkpoint_<step>` directories under `checkpoints_url` whose names are not in `keep`
+    (e.g. ones written by a worker killed before the orchestrator registered them); returns their URLs."""
+    from dml_core import storage
+
+    fs, path = storage.filesystem(checkpoints_url)
+    fs.invalidate_cache(path)
+    if not fs.exists(path):
+        return []
+    names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)]
+    stray = [n for n in names if CHECKPOINT_NAME.fullmatch(n) and n not in keep]
+    for name in stray:
+        fs.rm(f"{path}/{name}", recursive=True)
+    return [storage.join(checkpoints_url, n) for n in stray]
+
+
 def restore_state(state: dict, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
                   scheduler: Any | None = None, loss: nn.Module | None = None) -> int:
     """Load everything saved by `save_state` into live objects (strict); returns the step to resume at."""

@@ -1,4 +1,7 @@
 """Config loading: defaults, YAML round trip, and a clear error naming the field for every bad case."""
+import dataclasses
+import os
+
 import pytest
 
 from dml_core.config import Config, ConfigError, config_from_dict, load_config
@@ -12,7 +15,8 @@ def write(tmp_path, text):
 
 def test_defaults_are_valid_and_round_trip(tmp_path):
     cfg = config_from_dict({})
-    assert cfg == Config()
+    assert cfg.run.root == os.path.abspath(Config().run.root)  # the default root, made absolute
+    assert dataclasses.replace(cfg, run=Config().run) == Config()
     again = load_config(write(tmp_path, cfg.to_yaml()))
     assert again == cfg
 
@@ -21,7 +25,7 @@ def test_yaml_sections_and_nested_losses(tmp_path):
     cfg = load_config(write(tmp_path, """
 run: {name: demo, root: /tmp/x}
 data: {batch_size: 32, p: 8, k: 4}
-model: {backbone: resnet18, embedding_dim: 64}
+model: {backbone: resnet18, embedding_dim: 64, backbone_options: {norm: group}}
 loss:
   base: decomposable
   tau: 0.2
@@ -87,3 +91,61 @@ def test_demo_config_loads():
     path = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "fashion_mnist.yaml")
     cfg = load_config(path)
     assert cfg.data.dataset == "fashion_mnist" and cfg.ray.address is None
+
+
+# ---------------------------------------------- normalisation and gradient caching (METHODS 1.4) -----
+
+@pytest.mark.parametrize("model", [
+    {},  # small_cnn, BatchNorm by default
+    {"backbone_options": {"norm": "batch"}},
+    {"backbone": "resnet18"},
+    {"backbone": "resnet50", "backbone_options": {"norm": "batch"}},
+])
+def test_grad_cache_with_train_mode_batch_norm_is_refused(model):
+    with pytest.raises(ConfigError) as e:
+        config_from_dict({"model": model, "train": {"grad_cache_chunk": 16}}, source="my.yaml")
+    message = str(e.value)
+    assert message.startswith("my.yaml: train.grad_cache_chunk with model.backbone_options.norm=batch")
+    assert "differ from the full batch" in message
+    assert "set model.backbone_options.norm to group or frozen_batch, or drop train.grad_cache_chunk" in message
+
+
+@pytest.mark.parametrize("model", [
+    {"backbone_options": {"norm": "group"}},
+    {"backbone_options": {"norm": "frozen_batch", "widths": [8, 16]}},
+    {"backbone_options": {"norm": "none"}},
+    {"backbone": "resnet18", "backbone_options": {"norm": "frozen_batch"}},
+    {"backbone": "vit_tiny"},  # LayerNorm: per-sample
+    {"backbone": "timm:resnet18"},  # external: checked when GradCache runs
+])
+def test_grad_cache_with_per_sample_normalisation_is_accepted(model):
+    cfg = config_from_dict({"model": model, "train": {"grad_cache_chunk": 16}})
+    assert cfg.train.grad_cache_chunk == 16 and cfg.model.backbone_options == model.get("backbone_options", {})
+
+
+def test_batch_norm_without_grad_cache_stays_the_default():
+    cfg = config_from_dict({})
+    assert cfg.model.backbone_options == {} and cfg.train.grad_cache_chunk is None
+    explicit = config_from_dict({"model": {"backbone_options": {"norm": "batch"}}})
+    assert explicit.model.backbone_options["norm"] == "batch"
+
+
+@pytest.mark.parametrize("model, match", [
+    ({"backbone_options": {"norm": "layer"}}, "model.backbone_options.norm must be one of"),
+    ({"backbone": "resnet18", "backbone_options": {"norm": "none"}}, "model.backbone_options.norm must be one of"),
+    ({"backbone": "vit_tiny", "backbone_options": {"norm": "group"}},
+     "model.backbone_options.norm is not an option of vit_tiny"),
+])
+def test_bad_norm_is_named(model, match):
+    with pytest.raises(ConfigError, match=match):
+        config_from_dict({"model": model}, source="my.yaml")
+
+
+def test_relative_local_roots_become_absolute_at_load(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = config_from_dict({"run": {"root": "./store"}, "data": {"root": "data"},
+                            "loss": {"bct": {"old_checkpoint": "runs/old/checkpoints/checkpoint_00000010"}}})
+    assert cfg.run.root == str(tmp_path / "store") and cfg.data.root == str(tmp_path / "data")
+    assert cfg.loss.bct.old_checkpoint == str(tmp_path / "runs/old/checkpoints/checkpoint_00000010")
+    s3 = config_from_dict({"run": {"root": "s3://bucket/prefix"}})
+    assert s3.run.root == "s3://bucket/prefix" and s3.data_root == "s3://bucket/prefix"

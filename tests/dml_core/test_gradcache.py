@@ -147,6 +147,139 @@ def test_bad_chunk_size_raises():
         GradCache(make_encoder(), NaiveInfoNCE(), 0)
 
 
+# ------------------------------------------------- normalisation layers (METHODS 1.4) ---------
+
+def make_cnn(norm, seed=0, dropout=0.2):
+    """small_cnn backbone (float64, training mode) + dropout + linear projection."""
+    from dml_core.models.registry import build_backbone
+
+    torch.manual_seed(seed)
+    backbone = build_backbone("small_cnn", in_channels=1, image_size=8, widths=(4, 8), norm=norm)
+    enc = nn.Sequential(backbone, nn.Dropout(dropout), nn.Linear(8, 4)).double().train()
+    g = torch.Generator().manual_seed(seed + 1)
+    for m in enc.modules():  # running statistics off their defaults, so frozen BatchNorm is not the identity
+        if hasattr(m, "running_mean") and m.running_mean is not None:
+            m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g, dtype=torch.float64) * 0.3)
+            m.running_var.copy_(torch.rand(m.running_var.shape, generator=g, dtype=torch.float64) + 0.5)
+    return enc
+
+
+def image_batch(n=12, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 1, 8, 8, generator=g, dtype=torch.float64), torch.arange(n) % 3
+
+
+def norm_buffers(module):
+    return {k: v.clone() for k, v in module.state_dict().items()
+            if k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
+
+
+def max_rel_diff(got, want):
+    return max(float((g - w).norm() / w.norm()) for g, w in zip(got, want))
+
+
+@pytest.mark.parametrize("norm", ["group", "frozen_batch"])
+@pytest.mark.parametrize("chunk_size", [1, 3, 5, 12])
+def test_gradcache_equals_full_batch_with_per_sample_norm_and_dropout(norm, chunk_size):
+    x, labels = image_batch()
+    enc_ref, enc = make_cnn(norm), make_cnn(norm)
+    want_loss, want, rng_after = reference_grads(enc_ref, x, labels, NaiveInfoNCE(), chunk_size, seed=7)
+    torch.manual_seed(7)
+    got_loss = GradCache(enc, NaiveInfoNCE(), chunk_size).step(x, labels)
+    assert got_loss == pytest.approx(want_loss, rel=1e-12)
+    assert max_rel_diff(grads_of(enc), want) < 1e-10
+    assert torch.equal(torch.get_rng_state(), rng_after)
+
+
+@pytest.mark.parametrize("norm", ["group", "frozen_batch"])
+def test_without_dropout_gradcache_equals_one_full_batch_forward(norm):
+    x, labels = image_batch()
+    enc_ref = make_cnn(norm, dropout=0.0)
+    NaiveInfoNCE()(enc_ref(x), labels).backward()  # the whole batch in one forward
+    for chunk_size in (1, 4, 5):
+        enc = make_cnn(norm, dropout=0.0)
+        GradCache(enc, NaiveInfoNCE(), chunk_size).step(x, labels)
+        assert max_rel_diff(grads_of(enc), grads_of(enc_ref)) < 1e-10
+
+
+def test_train_mode_batch_norm_is_refused():
+    x, labels = image_batch()
+    enc = make_cnn("batch")
+    with pytest.raises(ValueError, match=r"BatchNorm in training mode \(0\.features\.1, 0\.features\.4, "
+                                         r"0\.features\.8 and 1 more\).*norm='group' or norm='frozen_batch'"):
+        GradCache(enc, NaiveInfoNCE(), 4).step(x, labels)
+    assert all(p.grad is None for p in enc.parameters())
+    GradCache(enc.eval(), NaiveInfoNCE(), 4).step(x, labels)  # eval mode: running statistics, per-sample
+    no_stats = nn.Sequential(nn.Flatten(), nn.Linear(64, 4), nn.BatchNorm1d(4, track_running_stats=False)).double()
+    with pytest.raises(ValueError, match="BatchNorm in training mode"):  # batch statistics in eval mode too
+        GradCache(no_stats.eval(), NaiveInfoNCE(), 4).step(x, labels)
+
+
+def test_train_mode_batch_norm_is_inexact_when_allowed():
+    """Why it is refused: BatchNorm statistics per chunk change the gradient (a test that can fail)."""
+    x, labels = image_batch()
+    enc_ref, enc = make_cnn("batch", dropout=0.0), make_cnn("batch", dropout=0.0)
+    NaiveInfoNCE()(enc_ref(x), labels).backward()
+    GradCache(enc, NaiveInfoNCE(), 4, allow_batch_stats=True).step(x, labels)
+    assert max_rel_diff(grads_of(enc), grads_of(enc_ref)) > 1e-2
+
+
+class BufferSnapshotLoss(NaiveInfoNCE):
+    """Records the encoder's norm buffers when called: in phase 2, after phase 1 and before phase 3."""
+
+    def __init__(self, encoder):
+        super().__init__()
+        self.encoder, self.seen = [encoder], None  # a list: not a submodule
+
+    def forward(self, z, labels, ids=None):
+        self.seen = norm_buffers(self.encoder[0])
+        return super().forward(z, labels, ids)
+
+
+@pytest.mark.parametrize("norm", ["batch", "frozen_batch"])
+def test_phase_one_leaves_running_statistics_unchanged(norm):
+    x, labels = image_batch()
+    enc = make_cnn(norm)
+    enc.append(nn.Unflatten(1, (1, 4))).append(nn.InstanceNorm1d(1, track_running_stats=True)).append(nn.Flatten())
+    before = norm_buffers(enc)
+    assert len(before) == 4 * 3 + 3  # four (frozen) BatchNorm layers and the InstanceNorm
+    loss = BufferSnapshotLoss(enc)
+    torch.manual_seed(1)
+    GradCache(enc, loss, 5, allow_batch_stats=norm == "batch").step(x, labels)
+    assert loss.seen.keys() == before.keys()
+    for k in before:  # bit for bit, num_batches_tracked included
+        assert torch.equal(loss.seen[k], before[k]), k
+    # after the step: each chunk entered the running statistics once (phase 3), as in a plain chunked forward
+    ref = make_cnn(norm)
+    ref.append(nn.Unflatten(1, (1, 4))).append(nn.InstanceNorm1d(1, track_running_stats=True)).append(nn.Flatten())
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for c in x.split(5):
+            ref(c)
+    after, want = norm_buffers(enc), norm_buffers(ref)
+    for k in before:
+        assert torch.equal(after[k], want[k]), k
+    changed = [k for k in before if not torch.equal(after[k], before[k])]
+    instance_norm = ["4.running_mean", "4.running_var"]  # InstanceNorm does not count batches
+    if norm == "batch":
+        assert changed == [k for k in before if k.startswith("0.")] + instance_norm  # moved in phase 3
+        assert int(after["0.features.1.num_batches_tracked"]) == 3  # 3 chunks, not 6
+    else:
+        assert changed == instance_norm  # frozen BatchNorm never updates
+
+
+def test_running_statistics_are_restored_when_phase_one_fails():
+    class Boom(nn.Module):
+        def forward(self, x):
+            raise RuntimeError("boom")
+
+    enc = make_cnn("batch").append(Boom())
+    before = norm_buffers(enc)
+    with pytest.raises(RuntimeError, match="boom"):
+        GradCache(enc, NaiveInfoNCE(), 4, allow_batch_stats=True).step(*image_batch())
+    assert all(torch.equal(v, before[k]) for k, v in norm_buffers(enc).items())
+
+
 # ---------------------------------------------------------------- DDP ------------------------
 
 WORLD, LOCAL, CHUNK = 2, 6, 4

@@ -154,3 +154,69 @@ def test_bad_parameters():
         InfoNCE(tau=0)
     with pytest.raises(ValueError, match="tile_size must be >= 1"):
         InfoNCE(tile_size=0)
+
+
+# ---- issue 10, section 3: the functional form tiles like the class, takes arrays and checks its parameters ----
+
+def test_functional_tiled_equals_dense():
+    z, labels = random_batch(37, 6, 7, torch.float64, seed=5)
+    labels[36] = 99  # an anchor without a positive
+    dense_value, dense_grad = value_and_grad(lambda x: info_nce_loss(x, labels, 0.2, tiled_above=10**9), z)
+    for tile_size in (1, 4, 37, 100):
+        value, grad = value_and_grad(lambda x: info_nce_loss(x, labels, 0.2, tile_size=tile_size, tiled_above=0), z)
+        assert_close_rel(value, dense_value, 1e-12)
+        assert_close_rel(grad, dense_grad, 1e-12)
+    ref_value, _ = value_and_grad(lambda x: naive_info_nce(x, labels, 0.2), z)
+    assert_close_rel(dense_value, ref_value, 1e-12)
+
+
+def test_functional_tiles_above_the_threshold_and_never_builds_b_by_b():
+    from tests.dml_core.losses.test_tiled import MaxOutputNumel
+
+    n, d, tile_size = 512, 8, 16
+    z, labels = random_batch(n, d, 100, torch.float32, seed=0)
+    z.requires_grad_(True)
+    with MaxOutputNumel() as mode:
+        info_nce_loss(z, labels, tile_size=tile_size, tiled_above=n - 1).backward()
+    assert mode.largest <= max(tile_size * n, n * d)
+    with MaxOutputNumel() as mode:  # at the threshold itself the dense path runs (and the detector sees it)
+        info_nce_loss(z, labels, tile_size=tile_size, tiled_above=n).backward()
+    assert mode.largest >= n * n
+    # the same default threshold as the class
+    import inspect
+    assert inspect.signature(info_nce_loss).parameters["tiled_above"].default == InfoNCE().tiled_above == 8192
+    assert inspect.signature(info_nce_loss).parameters["tile_size"].default == InfoNCE().tile_size
+
+
+def test_functional_takes_numpy_arrays_and_lists():
+    z, labels = random_batch(12, 4, 3, torch.float64, seed=2)
+    want = info_nce_loss(z, labels, 0.3)
+    from_numpy = info_nce_loss(z.numpy(), labels.numpy().astype("int32"), 0.3)
+    assert from_numpy.dtype == torch.float64 and float(from_numpy) == pytest.approx(float(want), rel=1e-12)
+    from_lists = info_nce_loss(z.tolist(), labels.tolist(), 0.3)
+    assert float(from_lists) == pytest.approx(float(want), rel=1e-5)  # a list of floats becomes float32
+    tiled = info_nce_loss(z.numpy(), labels.numpy(), 0.3, tiled_above=0)
+    assert float(tiled) == pytest.approx(float(want), rel=1e-12)
+    with pytest.raises(TypeError, match="z must be a torch.Tensor, NumPy array or list"):
+        info_nce_loss("not embeddings", labels)
+
+
+@pytest.mark.parametrize("tau", [0, 0.0, -0.1, float("nan"), float("inf")])
+def test_functional_rejects_bad_tau(tau):
+    z, labels = random_batch(8, 3, 2, torch.float32, seed=0)
+    with pytest.raises(ValueError, match="info_nce_loss: tau must be > 0"):
+        info_nce_loss(z, labels, tau=tau)
+
+
+def test_functional_rejects_bad_tiling_parameters():
+    z, labels = random_batch(8, 3, 2, torch.float32, seed=0)
+    with pytest.raises(ValueError, match="tile_size must be >= 1"):
+        info_nce_loss(z, labels, tile_size=0)
+    with pytest.raises(ValueError, match="tiled_above must be >= 0"):
+        info_nce_loss(z, labels, tiled_above=-1)
+    with pytest.raises(TypeError, match="tau must be a real number"):
+        info_nce_loss(z, labels, tau="0.1")
+    with pytest.raises(TypeError, match="tile_size must be an integer"):
+        info_nce_loss(z, labels, tile_size=2.5)
+    with pytest.raises(ValueError, match="InfoNCE: tiled_above must be >= 0"):
+        InfoNCE(tiled_above=-1)

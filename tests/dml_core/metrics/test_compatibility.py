@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from dml_core.metrics import evaluate_compatibility, evaluate_retrieval
+from dml_core.metrics import CompatibilityResult, evaluate_compatibility, evaluate_retrieval
 from tests.dml_core.metrics.helpers import clustered
 
 
@@ -94,3 +94,31 @@ def test_roundtrip():
     res = evaluate_compatibility(old, new, y)
     back = type(res).from_dict(res.to_dict())
     assert back.to_dict() == res.to_dict()
+
+
+# ---- issue 10, section 3: update gain is None, with its reason, when M(ref,ref) <= M(old,old) ----
+
+def test_update_gain_is_none_when_the_reference_does_not_improve():
+    from dml_core.metrics import CrossModelScores
+    # a new model that regresses on every setting: (new_old - old_old) / (new_new - old_old) would be 1.0
+    s = CrossModelScores.build("recall_at_1", old_old=0.5, new_new=0.4, new_old=0.4)
+    assert s.update_gain is None and not s.criterion
+    assert "recall_at_1(new,new) = 0.4 <= recall_at_1(old,old) = 0.5" in s.update_gain_reason
+    # with a reference model, the reference decides
+    s = CrossModelScores.build("map_at_r", old_old=0.5, new_new=0.9, new_old=0.6, ref_ref=0.45)
+    assert s.update_gain is None and s.ref_model == "ref" and "map_at_r(ref,ref)" in s.update_gain_reason
+    s = CrossModelScores.build("map_at_r", old_old=0.5, new_new=0.4, new_old=0.6, ref_ref=0.7)
+    assert s.update_gain == pytest.approx(0.5) and s.update_gain_reason is None
+    # equal within the 1e-9 tolerance: no improvement either
+    s = CrossModelScores.build("recall_at_1", old_old=0.28, new_new=0.28 + 1e-12, new_old=0.28)
+    assert s.update_gain is None and s.update_gain_reason
+
+
+def test_regressing_model_reports_no_gain():
+    old, new, _, y = models()
+    res = evaluate_compatibility(new, old, y)  # the worse model as the "new" one
+    for s in res.scores.values():
+        assert s.new_new < s.old_old and s.new_old < s.old_old
+        assert s.update_gain is None and "does not improve" in s.update_gain_reason
+    back = CompatibilityResult.from_dict(res.to_dict())
+    assert back.scores["recall_at_1"].update_gain_reason == res.scores["recall_at_1"].update_gain_reason

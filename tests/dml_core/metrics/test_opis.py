@@ -1,4 +1,5 @@
 import math
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -37,7 +38,7 @@ def opis_oracle(z, labels, far_lo=1e-3, far_hi=1e-1, num_thresholds=101, beta=1.
             uc[i, k] = u_fbeta(np.mean(pos <= t), np.mean(neg > t), beta)
     value = np.mean([np.mean((uc[i] - ub) ** 2) for i in range(len(classes))])
     order = np.argsort(uc.mean(axis=1), kind="stable")
-    n_worst = math.ceil(eps * len(classes))
+    n_worst = math.ceil(Fraction(repr(eps)) * len(classes))  # exact arithmetic on the decimal eps
     worst, rest = order[:n_worst], order[n_worst:]
     eps_value = np.mean((uc[worst].mean(axis=0) - uc[rest].mean(axis=0)) ** 2)
     return dict(opis=value, eps_opis=eps_value, thresholds=ts, class_utility=uc, pooled_utility=ub,
@@ -182,3 +183,54 @@ def test_chunking_does_not_change_results():
         np.testing.assert_allclose(tiny.class_utility, big.class_utility, atol=1e-12)
         np.testing.assert_allclose(tiny.pooled_utility, big.pooled_utility, atol=1e-12)
         assert tiny.opis == pytest.approx(big.opis, rel=1e-9)
+
+
+# ---- issue 10, section 3: sampled exactness reported only when exact; eps-OPIS ranking and worst-set size ----
+
+def test_sampled_path_with_every_negative_is_the_exact_path():
+    z, y = small_set(1)
+    exact = opis(z, y)
+    sizes = np.bincount(y)
+    cap = len(y) - int(sizes.max())  # the smallest cap that reaches every negative of every class
+    full = opis(z, y, max_neg_per_class=cap, num_calibration_pairs=20000, seed=3)
+    assert full.method == "sampled" and full.sampling["exact_negatives"] and full.sampling["exact_calibration"]
+    assert full.sampling["num_calibration_pairs"] == 0 and full.calibration["method"] == exact.calibration["method"]
+    assert (full.t_lo, full.t_hi) == (exact.t_lo, exact.t_hi)
+    np.testing.assert_allclose(full.thresholds, exact.thresholds, rtol=0, atol=0)
+    np.testing.assert_allclose(full.class_utility, exact.class_utility, atol=1e-12)
+    np.testing.assert_allclose(full.pooled_utility, exact.pooled_utility, atol=1e-12)
+    assert full.opis == pytest.approx(exact.opis, rel=1e-9) and full.eps_opis == pytest.approx(exact.eps_opis, rel=1e-9)
+    # one below: sampled negatives and a sampled calibration range, reported as such
+    part = opis(z, y, max_neg_per_class=cap - 1, num_calibration_pairs=20000, seed=3)
+    assert not part.sampling["exact_negatives"] and not part.sampling["exact_calibration"]
+    assert part.sampling["num_calibration_pairs"] == 20000 and part.calibration["method"] == "sampled"
+
+
+def test_worst_set_size_is_exact():
+    from dml_core.metrics.opis import num_worst_classes, opis_from_curves
+    assert 0.07 * 100 != 7 and num_worst_classes(0.07, 100) == 7
+    assert num_worst_classes(0.1, 30) == 3 and num_worst_classes(0.3000000000001, 10) == 4
+    for k in range(1, 100):
+        for c in (1, 3, 7, 10, 30, 100, 1000):
+            assert num_worst_classes(k / 100, c) == -(-k * c // 100)
+    curves = np.linspace(0.0, 1.0, 100)[:, None] * np.ones((1, 5))
+    _, _, worst = opis_from_curves(curves, curves.mean(axis=0), 0.07)
+    assert sorted(worst.tolist()) == list(range(7))
+    _, _, worst = opis_from_curves(curves[:10], curves[:10].mean(axis=0), 0.3000000000001)
+    assert len(worst) == 4
+
+
+def test_tied_classes_rank_by_label():
+    from dml_core.metrics.opis import opis_from_curves
+    v = np.array([0.64, 0.27, 0.04, 0.02])
+    a, b = v, v[::-1].copy()  # the same values: tied mean utility, but the float means differ in the last bit
+    lo, hi = sorted([a, b], key=lambda r: r.mean())
+    assert lo.mean() < hi.mean()
+    curves = np.stack([hi, lo, np.full(4, 0.9)])  # label 0 holds the bitwise-larger mean
+    _, _, worst = opis_from_curves(curves, curves.mean(axis=0), 0.3)
+    assert worst.tolist() == [0]
+    curves = np.stack([np.full(4, 0.9), lo, hi])
+    assert opis_from_curves(curves, curves.mean(axis=0), 0.3)[2].tolist() == [1]
+    # a real difference beyond float rounding still decides
+    curves = np.stack([hi + 1e-9, lo, np.full(4, 0.9)])
+    assert opis_from_curves(curves, curves.mean(axis=0), 0.3)[2].tolist() == [1]

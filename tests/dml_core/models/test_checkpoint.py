@@ -31,6 +31,31 @@ def test_save_and_load_round_trip(tmp_path, name, kwargs):
     assert list((tmp_path / "ckpt").iterdir()) == [tmp_path / "ckpt" / "model.pt"]  # no temp file left
 
 
+@pytest.mark.parametrize("norm", ["frozen_batch", "group"])
+def test_round_trip_keeps_the_norm(norm):
+    torch.manual_seed(0)
+    model = build_model("small_cnn", embedding_dim=4, widths=(4, 8), norm=norm)
+    with torch.no_grad():
+        model.backbone.features[1].weight.mul_(2.0)
+    loaded = load_model(model_checkpoint(model))
+    assert loaded.backbone.norm == norm and loaded.spec["kwargs"]["norm"] == norm
+    x = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():  # training mode: per-sample norms give the same output
+        torch.testing.assert_close(loaded.train()(x), model.train()(x), atol=0, rtol=0)
+
+
+def test_checkpoint_without_norm_in_its_spec_loads_as_batch_norm():
+    """Checkpoints written before the norm option have no "norm" in their spec."""
+    model = build_model("small_cnn", embedding_dim=4, widths=(4,))
+    ckpt = model_checkpoint(model)
+    del ckpt["spec"]["kwargs"]["norm"]
+    loaded = load_model(ckpt)
+    assert loaded.backbone.norm == "batch" and isinstance(loaded.backbone.features[1], torch.nn.BatchNorm2d)
+    assert loaded.spec == model.spec  # the rebuilt spec names the norm
+    x = torch.randn(2, 1, 28, 28)
+    torch.testing.assert_close(loaded.eval()(x), model.eval()(x), atol=0, rtol=0)
+
+
 def test_load_from_bytes_and_dict():
     model = build_model("small_cnn", embedding_dim=4, widths=(4,)).eval()
     buf = io.BytesIO()

@@ -69,7 +69,20 @@ def test_backbone_kinds_and_arguments_are_passed_through():
 def test_spec_records_the_build_arguments():
     model = build_model("small_cnn", embedding_dim=8, in_channels=3, image_size=32, head="linear", widths=(4, 8))
     assert model.spec == {"name": "small_cnn", "embedding_dim": 8, "in_channels": 3, "image_size": 32,
-                          "head": "linear", "head_hidden_dim": None, "kwargs": {"widths": (4, 8)}}
+                          "head": "linear", "head_hidden_dim": None, "kwargs": {"widths": (4, 8), "norm": "batch"}}
+
+
+@pytest.mark.parametrize("name", ["small_cnn", "resnet18"])
+@pytest.mark.parametrize("norm", ["batch", "frozen_batch", "group"])
+def test_norm_option_of_the_conv_backbones_is_recorded(name, norm):
+    model = build_model(name, embedding_dim=4, norm=norm)
+    assert model.backbone.norm == norm and model.spec["kwargs"]["norm"] == norm
+
+
+def test_vit_has_no_norm_option():
+    assert "norm" not in build_model("vit_tiny", embedding_dim=4, depth=1).spec["kwargs"]
+    with pytest.raises(TypeError, match="norm"):
+        build_model("vit_tiny", depth=1, norm="group")
 
 
 def test_unknown_name_lists_known_models():

@@ -3,7 +3,8 @@ import torch
 from torch import nn
 
 from dml_core.models.head import EmbeddingModel, ProjectionHead
-from dml_core.models.resnet import BasicBlock, Bottleneck, resnet, resnet18, resnet50
+from dml_core.models.norm import FrozenBatchNorm2d
+from dml_core.models.resnet import BasicBlock, Bottleneck, ResNet, resnet, resnet18, resnet50
 from tests.dml_core.models.model_checks import (assert_grads_reach_all_parameters, assert_unit_embeddings,
                                                 count_parameters)
 
@@ -85,3 +86,32 @@ def test_bad_input_and_depth():
         resnet18(in_channels=3)(torch.randn(1, 1, 32, 32))
     with pytest.raises(ValueError, match="depth must be one of"):
         resnet(20)
+
+
+@pytest.mark.parametrize("norm, layer", [("batch", nn.BatchNorm2d), ("frozen_batch", FrozenBatchNorm2d),
+                                         ("group", nn.GroupNorm)])
+def test_norm_option_replaces_every_normalisation_layer(norm, layer):
+    model = resnet(18, in_channels=3, num_classes=1000, norm=norm)
+    assert model.norm == norm
+    assert count_parameters(model) == TORCHVISION_PARAMS[18]  # same affine parameters whatever the norm
+    norms = [m for m in model.modules() if isinstance(m, (nn.BatchNorm2d, FrozenBatchNorm2d, nn.GroupNorm))]
+    assert len(norms) == 20 and all(type(m) is layer for m in norms)  # stem, 2 per block x 8, 3 shortcuts
+    if norm == "group":
+        assert {m.num_groups for m in norms} == {32}
+
+
+@pytest.mark.parametrize("norm", ["frozen_batch", "group"])
+@pytest.mark.parametrize("block", [BasicBlock, Bottleneck])
+def test_per_sample_norms_train_every_parameter_and_ignore_the_batch(norm, block):
+    torch.manual_seed(0)
+    backbone = ResNet(block, (1, 1), in_channels=1, small_input=True, widths=(8, 16), norm=norm)
+    model = EmbeddingModel(backbone, ProjectionHead(backbone.feature_dim, 8, kind="linear")).double().train()
+    x = torch.randn(4, 1, 12, 12, dtype=torch.float64)
+    assert_grads_reach_all_parameters(model, x)
+    with torch.no_grad():  # per-sample: in training mode, a sample's embedding does not depend on the others
+        torch.testing.assert_close(torch.cat([model(c) for c in x.split(1)]), model(x), rtol=1e-12, atol=1e-12)
+
+
+def test_bad_norm_is_named():
+    with pytest.raises(ValueError, match="norm must be one of"):
+        resnet(18, norm="layer")

@@ -1,7 +1,9 @@
 import pytest
 import torch
+from torch import nn
 
 from dml_core.models.head import EmbeddingModel, ProjectionHead
+from dml_core.models.norm import FrozenBatchNorm2d
 from dml_core.models.small_cnn import SmallCNN
 from tests.dml_core.models.model_checks import assert_grads_reach_all_parameters, assert_unit_embeddings
 
@@ -19,9 +21,19 @@ def test_shape_and_unit_norm(in_channels, size):
     assert_unit_embeddings(z, 3, 16, torch.float32, atol=1e-5)
 
 
-@pytest.mark.parametrize("norm", ["batch", "group", "none"])
+@pytest.mark.parametrize("norm", ["batch", "frozen_batch", "group", "none"])
 def test_gradients_reach_all_parameters(norm):
     assert_grads_reach_all_parameters(_model(norm=norm), torch.randn(4, 1, 28, 28))
+
+
+@pytest.mark.parametrize("norm, layer", [("batch", nn.BatchNorm2d), ("frozen_batch", FrozenBatchNorm2d),
+                                         ("group", nn.GroupNorm), ("none", nn.Identity)])
+def test_norm_option_picks_the_layers(norm, layer):
+    backbone = SmallCNN(widths=(8, 16), norm=norm)
+    assert backbone.norm == norm
+    layers = list(backbone.features)
+    assert [type(layers[i + 1]) for i, m in enumerate(layers) if isinstance(m, nn.Conv2d)] == [layer] * 4
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in backbone.modules()) or norm == "batch"
 
 
 def test_float64_matches_float32():
