@@ -5,6 +5,7 @@ run's storage and restarts after a worker failure (`ray.max_failures`); everythi
 """
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -12,11 +13,21 @@ import ray
 import ray.train
 
 from dml_core import storage
-from dml_core.config import Config, config_from_dict
+from dml_core.config import Config, ConfigError, config_from_dict
+from dml_core.data.manifest import ManifestError
 from dml_core.training.loop import Worker, fit
 from dml_core.training.preflight import preflight
 from dml_core.training.state import CHECKPOINTS, checkpoint_dir_name, prune_checkpoints
 from tasks import ray_runtime
+
+
+# Errors a restart cannot fix (bad config or data, a diverged loss): Ray restarts the worker group for any
+# error, so the first one is recorded on storage and the restarted group stops at once instead of training.
+RECURRING_ERRORS = (ConfigError, ManifestError, FloatingPointError)
+
+
+class TrainingError(RuntimeError):
+    """Training stopped on an error that would recur on every restart; the message is the worker's."""
 
 
 @dataclass
@@ -48,7 +59,14 @@ def train_worker(loop_config: dict) -> dict:
     worker = Worker(rank=ctx.get_world_rank(), world_size=ctx.get_world_size(),
                     device=ray.train.torch.get_device(), node_id=ray.get_runtime_context().get_node_id(),
                     report=_report, on_step=loop_config.get("on_step"))
-    return fit(cfg, manifest, worker)
+    failed = storage.join(cfg.run_dir, f".failed-{loop_config['attempt']}")
+    if storage.exists(failed):
+        return {"error": storage.read_bytes(failed).decode()}
+    try:
+        return fit(cfg, manifest, worker)
+    except RECURRING_ERRORS as e:
+        storage.write_bytes_atomic(failed, f"{type(e).__name__}: {e}".encode())
+        raise
 
 
 def ray_storage(url: str):
@@ -88,9 +106,11 @@ def run_training(cfg: Config, on_step: Callable[[int, int], None] | None = None)
     ray_runtime.check_placement(cfg)
     storage.write_bytes_atomic(storage.join(run, "config.yaml"), cfg.to_yaml().encode())
     storage_path, storage_fs = ray_storage(run)
+    attempt = uuid.uuid4().hex  # names this call's record of a recurring error
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"config": cfg.to_dict(), "manifest": manifest, "on_step": on_step},
+        train_loop_config={"config": cfg.to_dict(), "manifest": manifest, "on_step": on_step,
+                           "attempt": attempt},
         torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
                                      resources_per_worker=dict(cfg.ray.resources_per_worker)),
@@ -101,14 +121,22 @@ def run_training(cfg: Config, on_step: Callable[[int, int], None] | None = None)
                                                checkpoint_score_attribute="loss_avg", checkpoint_score_order="min"),
             worker_runtime_env={"env_vars": ray_runtime.worker_env(cfg)}),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    finally:
+        fs, marker = storage.filesystem(storage.join(run, f".failed-{attempt}"))
+        if fs.exists(marker):
+            fs.rm(marker)
     if result.error is not None:
         raise result.error
+    final = dict(result.return_value or {})
+    if "error" in final:
+        raise TrainingError(f"training stopped, not retried (it would fail again): {final['error']}")
     kept = {_dir_name(c) for c, _ in result.best_checkpoints or []}
     if result.checkpoint is not None:
         kept.add(_dir_name(result.checkpoint))
     for url in prune_checkpoints(storage.join(run, CHECKPOINTS), kept):
         print(f"[train] removed {url}: a checkpoint Ray did not keep (train.keep_best ranks by loss_avg)", flush=True)
     return TrainingResult(run_dir=run, checkpoint=checkpoint_url(run, result.checkpoint),
-                          metrics=dict(result.metrics or {}), final=dict(result.return_value or {}),
+                          metrics=dict(result.metrics or {}), final=final,
                           ray_result=result)

@@ -51,3 +51,16 @@ def eval_recall(model, shards: dict) -> float:
     zq, lq, _ = embed_split(model, shards["manifest"], "eval")
     zg, lg, _ = embed_split(model, shards["manifest"], "gallery")
     return float(recall_at_k(torch.cat([zq, zg]), torch.cat([lq, lg]), k=1))
+
+
+class FailAt:
+    """A `run_training(on_step=...)` hook: every rank raises `error` at `step`, and logs each raise to `log`."""
+
+    def __init__(self, step: int, error: type[Exception], log: str) -> None:
+        self.step, self.error, self.log = step, error, log
+
+    def __call__(self, step: int, rank: int) -> None:
+        if step == self.step:
+            with open(self.log, "a") as f:
+                f.write(f"rank {rank}\n")
+            raise self.error(f"step {step} failed on purpose")

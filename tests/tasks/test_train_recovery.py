@@ -10,8 +10,8 @@ import torch
 from dml_core import storage
 from dml_core.training.metrics_log import read_metrics
 from dml_core.training.state import state_digest
-from tasks.train import run_training
-from tests.tasks._train_helpers import KillOnce, small_config
+from tasks.train import TrainingError, run_training
+from tests.tasks._train_helpers import FailAt, KillOnce, small_config
 
 pytestmark = pytest.mark.slow
 
@@ -47,6 +47,15 @@ def test_killed_worker_resumes_from_last_checkpoint_with_decomposable_state(tmp_
     assert resumed["step"] == 10
     assert resumed["loss_state_digest"] == loss_digest(checkpoint_state(out.run_dir, 10))  # restored, not reset
     assert out.final["loss_state_digest"] == loss_digest(checkpoint_state(out.run_dir, 30))
+
+
+def test_an_error_that_would_recur_is_not_retried(tmp_path, fmnist_shards):
+    cfg = small_config(str(tmp_path), fmnist_shards, "recur", steps=6, ray={"max_failures": 2})
+    log = tmp_path / "raised.log"
+    with pytest.raises(TrainingError, match="FloatingPointError: step 2 failed on purpose"):
+        run_training(cfg, on_step=FailAt(2, FloatingPointError, str(log)))
+    assert log.read_text().count("rank") == 2  # one attempt of 2 ranks; retried, it would be 3 attempts
+    assert not [n for n in os.listdir(cfg.run_dir) if n.startswith(".failed")]
 
 
 def _train_then_resume(root: str, shards: dict):
