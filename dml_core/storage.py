@@ -3,16 +3,95 @@
 Credentials come from the environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY) and are never logged.
 An S3-compatible endpoint (SeaweedFS, MinIO) is given per call with `endpoint_url=`, or for a whole
 process tree with AWS_ENDPOINT_URL, the variable the AWS tools read (subprocesses such as DataLoader and
-Ray workers inherit it); there is no other hidden state.
+Ray workers inherit it); there is no other hidden state. Importing this module installs a fork guard
+(`os.register_at_fork`, see "fork safety" below) so forked DataLoader workers can't break the parent's
+pooled S3 connections.
 """
 from __future__ import annotations
 
+import gc
 import os
 import uuid
+import weakref
 
 import fsspec
 
 ENDPOINT_ENV = "AWS_ENDPOINT_URL"
+
+
+# ---------------------------------------------------------------- fork safety -------------------
+# A forked child (a DataLoader worker) inherits a copy of this process's cached S3FileSystem, its aiohttp
+# connections and its event loop, and the epoll instance of that loop is SHARED with the parent (an inherited
+# fd points at the same kernel object). fsspec drops its instance cache in the child; when the child's garbage
+# collector then frees the inherited filesystem (it sits in reference cycles), s3fs's cleanup hook closes the
+# inherited connections through the copied loop, which unregisters the PARENT's pooled sockets from the
+# parent's epoll set (EPOLL_CTL_DEL). The parent's next request on such a socket never sees its answer and
+# waits out s3fs's read timeout (15 s) before retrying. (The "attached to a different loop" errors are the same
+# close failing.) So a child must never finalise what it inherited:
+#   * before a fork, gc.freeze() moves every object of the parent into the permanent generation, so the
+#     child's collector never frees (or even touches) inherited objects; the parent unfreezes right after
+#     the fork and collects as before. (This also keeps the child's GC from dirtying copy-on-write pages.)
+#   * in the child, the inherited fsspec instances are kept referenced (they can't be freed by refcount either
+#     when fsspec clears its cache), and s3fs's close-at-exit finalizers of those instances are detached.
+# The child still builds its own filesystem, loop and connections, as before; the inherited copies are only
+# fds and memory, released when the child exits.
+_fork_guard_installed = False
+_fork_guard_enabled = True  # off only to measure the stall (benchmarks, the regression test's own check)
+_froze_for_fork = False
+_inherited_filesystems: list = []
+
+
+def _freeze_before_fork() -> None:
+    global _froze_for_fork
+    _froze_for_fork = _fork_guard_enabled and gc.get_freeze_count() == 0  # leave others' freeze as it is
+    if _fork_guard_enabled:
+        gc.freeze()
+
+
+def _unfreeze_in_parent() -> None:
+    if _froze_for_fork:
+        gc.unfreeze()
+
+
+def _cached_filesystems() -> list:
+    out, todo, seen = [], [fsspec.AbstractFileSystem], set()
+    while todo:
+        cls = todo.pop()
+        if cls in seen:
+            continue
+        seen.add(cls)
+        todo += cls.__subclasses__()
+        cache = cls.__dict__.get("_cache")
+        if cache:
+            out += list(cache.values())
+    return out
+
+
+def _keep_inherited_in_child() -> None:
+    if not _fork_guard_enabled:
+        return
+    try:
+        inherited = _cached_filesystems()
+        _inherited_filesystems.extend(inherited)
+        ids = {id(fs) for fs in inherited}
+        for fin in list(getattr(weakref.finalize, "_registry", {})):  # s3fs's close_session hooks
+            obj = fin.peek()
+            if obj is not None and id(obj[0]) in ids:
+                fin.detach()
+    except Exception:  # never fail a fork over this; gc.freeze already protects the common case
+        pass
+
+
+def _install_fork_guard() -> None:
+    global _fork_guard_installed
+    if _fork_guard_installed or not hasattr(os, "register_at_fork"):
+        return
+    os.register_at_fork(before=_freeze_before_fork, after_in_parent=_unfreeze_in_parent,
+                        after_in_child=_keep_inherited_in_child)
+    _fork_guard_installed = True
+
+
+_install_fork_guard()
 
 
 def use_endpoint(endpoint_url: str | None) -> None:
