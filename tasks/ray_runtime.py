@@ -4,6 +4,7 @@ placement check that fails before training when the cluster cannot hold the requ
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import tempfile
 
@@ -16,6 +17,13 @@ from dml_core.config import Config
 MAX_TEMP_DIR_LEN = 40
 
 START_ATTEMPTS = 3
+
+# Worker log lines known to be harmless here, kept off the user's console:
+# - Ray Train's PlacementGroupCleaner polls the state API, which needs the dashboard that an in-process Ray
+#   runs without; with in-process Ray its job (freeing a dead controller's resources) ends with the driver.
+# - an internal note of Ray Train's own PreemptionWatcher actor about its restart arguments.
+HARMLESS_LOG_LINES = ("Failed to query Ray Train Controller actor state",
+                      "Actor with class name: 'PreemptionWatcher' and ID:")
 
 # Fast failure detection for local runs; a user's own setting wins.
 DEFAULT_ENV = {
@@ -56,6 +64,7 @@ def init_ray(cfg: Config, run_dir: str | None = None) -> None:
     if cfg.ray.address:
         ray.init(address=cfg.ray.address, runtime_env=runtime_env, log_to_driver=True)
         return
+    _quiet_token_auth_notice()
     local_run_dir = storage.local_path(run_dir) if run_dir and storage.is_local(run_dir) else None
     temp_dir = short_temp_dir(os.path.join(local_run_dir, "ray") if local_run_dir else None)
     os.makedirs(temp_dir, exist_ok=True)
@@ -63,11 +72,45 @@ def init_ray(cfg: Config, run_dir: str | None = None) -> None:
         try:
             ray.init(include_dashboard=False, _temp_dir=temp_dir, runtime_env=runtime_env, log_to_driver=True,
                      configure_logging=True, logging_level="WARNING")
+            _drop_harmless_worker_logs()
             return
         except Exception as e:  # the raylet aborts if its agents start slowly (an overloaded machine)
             ray.shutdown()
             if attempt == START_ATTEMPTS:
                 raise RuntimeError(f"local Ray failed to start {attempt} times; logs under {temp_dir}") from e
+
+
+class _DropTokenAuthNotice(logging.Filter):
+    """Ray's notice that a new local cluster uses token authentication (it does, and that is right)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
+
+
+def _quiet_token_auth_notice() -> None:
+    log = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    if not any(isinstance(f, _DropTokenAuthNotice) for f in log.filters):
+        log.addFilter(_DropTokenAuthNotice())
+
+
+def _drop_harmless_worker_logs() -> None:
+    """Filter HARMLESS_LOG_LINES out of the worker output Ray forwards to this process (Ray has no public
+    filter for it; if its private dispatcher changes, everything is printed as before)."""
+    try:
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    except ImportError:
+        return
+    handler = next((h for name, h in dispatcher.handlers if name == "ray_print_logs"), None)
+    if handler is None:
+        return
+
+    def filtered(data: dict) -> None:
+        lines = [line for line in data.get("lines", []) if not any(n in line for n in HARMLESS_LOG_LINES)]
+        if lines:
+            handler({**data, "lines": lines})
+
+    dispatcher.remove_handler("ray_print_logs")
+    dispatcher.add_handler("ray_print_logs", filtered)
 
 
 def check_placement(cfg: Config) -> None:

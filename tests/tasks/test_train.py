@@ -91,6 +91,27 @@ def test_checkpoints_ray_did_not_keep_are_removed(tmp_path, fmnist_shards):
     assert "checkpoint_00000008" in kept and len(kept) <= 3, left  # keep_best by loss_avg, plus the latest
 
 
+def test_a_run_prints_our_progress_and_not_rays_known_noise(tmp_path, fmnist_shards):
+    """A fresh process, as a user's: Ray's token-auth warning, the PlacementGroupCleaner's state-API
+    complaints and deprecation warnings stay off the console; the progress line is there."""
+    import subprocess
+    import sys
+
+    cfg = small_config(str(tmp_path), fmnist_shards, "quiet", steps=20, train={"log_every": 20})
+    (tmp_path / "cfg.yaml").write_text(cfg.to_yaml())
+    script = ("from dml_core.config import load_config; from tasks.train import run_training; "
+              f"run_training(load_config({str(tmp_path / 'cfg.yaml')!r}))")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, env=env,
+                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    console = out.stdout + out.stderr
+    assert out.returncode == 0, console[-3000:]
+    assert "step 20/20" in console
+    for noise in ("Token authentication", "Failed to query Ray Train Controller", "FutureWarning",
+                  "PreemptionWatcher"):
+        assert noise not in console, noise
+
+
 # ------------------------------------------------------------------ errors before training -------
 
 def _assert_nothing_trained(cfg):
