@@ -9,12 +9,20 @@ Each case runs in a fresh subprocess so that its peak memory is its own:
   RSS sampling thread where that is unavailable) minus the RSS after the inputs were made;
 - CUDA: torch.cuda.max_memory_allocated minus the memory allocated after the inputs were made.
 
+Also the other pair-sum terms of METHODS 1.3: `decomposable` and `tcm` (the tiled paths that
+`DecomposableLoss` and `TCM` run above `tiled_above`) and `decomposable_dense`, `tcm_dense` (their b x B
+paths). The decomposable case runs a second step on the same ids (the steady state: every id seen).
+
 FLOP counts: "useful" = 6 B^2 D (forward logits 2 B^2 D, backward dq and dk 4 B^2 D). `dense` and `tiled`
-execute exactly that; `tiled_rows` executes 8 B^2 D since its backward recomputes every tile's logits.
+execute exactly that, and so does the tiled `decomposable` in its steady state (u from the state, one pass
+makes the gradient and the batch's Zhat; a batch with an id never seen before takes a first log Zhat pass,
+8 B^2 D); `tiled_rows` executes 8 B^2 D since its backward recomputes every tile's logits, and so does the
+tiled `tcm` (a first pass counts the hard pairs, whose global count scales the gradient).
 Rates are compared with plain torch.mm on the same device and dtype, measured in the same run.
 
     python benchmarks/loss_memory.py                      # CPU, all sizes
     python benchmarks/loss_memory.py --device cuda --sizes 4096,131072
+    python benchmarks/loss_memory.py --merge --methods decomposable,tcm --sizes 131072   # add cases
 """
 from __future__ import annotations
 
@@ -122,22 +130,51 @@ def _rows_loss(tile: int):
     return loss
 
 
+EXECUTED_PER_B2D = {"tiled_rows": 8, "tcm": 8}
+DENSE_METHODS = ("dense", "decomposable_dense", "tcm_dense")
+
+
+def _make_loss(method: str, batch: int, tile: int):
+    """The loss of `method`, called as loss(z, labels) (the decomposable loss with ids = arange(B))."""
+    import torch
+
+    from dml_core.losses.decomposable import DecomposableLoss
+    from dml_core.losses.info_nce import InfoNCE
+    from dml_core.losses.tcm import TCM
+
+    above = 0 if method in ("tiled", "decomposable", "tcm") else 2**62
+    if method == "tiled_rows":
+        return _rows_loss(tile)
+    if method in ("dense", "tiled"):
+        return InfoNCE(tau=0.1, tile_size=tile, tiled_above=above)
+    if method.startswith("tcm"):
+        return TCM(tile_size=tile, tiled_above=above)
+    inner = DecomposableLoss(max(batch, 256), tau=0.1, gamma=0.5, tile_size=tile, tiled_above=above)
+
+    def loss(z, labels):
+        return inner(z, labels, torch.arange(z.shape[0], device=z.device))
+
+    loss.inner = inner
+    return loss
+
+
 def run_case(method: str, batch: int, dim: int, tile: int, device: str, repeats: int) -> dict:
-    """One forward + backward of InfoNCE on a (batch, dim) leaf; the first repetition gives the memory."""
+    """One forward + backward of the loss on a (batch, dim) leaf; the first repetition gives the memory."""
     import torch
 
     sys.path.insert(0, str(ROOT))
-    from dml_core.losses.info_nce import InfoNCE
 
     torch.manual_seed(0)
-    loss_fn = InfoNCE(tau=0.1, tile_size=tile, tiled_above=0 if method == "tiled" else 2**62)
-    if method == "tiled_rows":
-        loss_fn = _rows_loss(tile)
+    loss_fn = _make_loss(method, batch, tile)
     warm = torch.randn(256, dim, device=device, requires_grad=True)
     loss_fn(warm, torch.arange(256, device=device) // 2).backward()  # load kernels outside the timing
     z = torch.randn(batch, dim, device=device, requires_grad=True)
     labels = torch.arange(batch, device=device) // 2  # two views per item
     del warm
+    if hasattr(loss_fn, "inner"):  # the decomposable steady state: every id of the batch already seen
+        with torch.no_grad():
+            loss_fn(z.detach(), labels)
+        loss_fn.stats = loss_fn.inner.stats
     sync(device)
     n = square_n(device)
     mm_before = mm_rate(device, n, n, n)  # the machine is shared: bracket the step with the reference
@@ -163,7 +200,8 @@ def run_case(method: str, batch: int, dim: int, tile: int, device: str, repeats:
                    "loss": float(loss.detach())}
         del loss
     mm_after = mm_rate(device, n, n, n)
-    out.update(time_s=min(times), times_s=times, tiled=loss_fn.stats["tiled"] == 1.0,
+    stats = loss_fn.inner.stats if hasattr(loss_fn, "inner") else loss_fn.stats
+    out.update(time_s=min(times), times_s=times, tiled=stats["tiled"] == 1.0,
                mm_square_flops_per_s_before=mm_before, mm_square_flops_per_s_after=mm_after)
     return out
 
@@ -209,19 +247,20 @@ def main_driver(ns) -> None:
         raise SystemExit(f"torch.mm rate measurement failed: {mm}")
     print(f"torch.mm: {mm['square_flops_per_s'] / 1e9:.1f} GFLOP/s square, "
           f"{mm['tile_flops_per_s'] / 1e9:.1f} GFLOP/s tile-shaped", flush=True)
-    dense_bytes_per_pair, cases = DENSE_BYTES_PER_PAIR_GUESS, []
+    dense_bytes_per_pair, cases = {}, []  # per dense method, once measured
     for batch in sizes:
         for method in ns.methods.split(","):
             case = {"method": method, "batch": batch, "dim": ns.dim,
-                    "tile_size": None if method == "dense" else ns.tile_size,
+                    "tile_size": None if method in DENSE_METHODS else ns.tile_size,
                     "useful_flops": 6 * batch**2 * ns.dim,
-                    "executed_flops": (8 if method == "tiled_rows" else 6) * batch**2 * ns.dim}
-            if method == "dense":
-                need = dense_bytes_per_pair * batch**2
+                    "executed_flops": EXECUTED_PER_B2D.get(method, 6) * batch**2 * ns.dim}
+            if method in DENSE_METHODS:
+                per_pair = dense_bytes_per_pair.get(method, DENSE_BYTES_PER_PAIR_GUESS)
+                need = per_pair * batch**2
                 case["estimated_bytes"] = int(need)
                 if need > ns.dense_limit_gib * GIB:
                     case.update(status="skipped", reason=f"dense path needs about {need / GIB:.1f} GiB "
-                                f"({dense_bytes_per_pair:.1f} bytes per pair x B^2) > limit {ns.dense_limit_gib} GiB")
+                                f"({per_pair:.1f} bytes per pair x B^2) > limit {ns.dense_limit_gib} GiB")
                     cases.append(case)
                     print(f"{method:5s} B={batch:>7d}: skipped, {case['reason']}", flush=True)
                     continue
@@ -240,38 +279,55 @@ def main_driver(ns) -> None:
                 case["mm_square_flops_per_s"] = ref
                 case["useful_fraction_of_mm"] = case["useful_flops_per_s"] / ref
                 case["executed_fraction_of_mm"] = case["executed_flops_per_s"] / ref
-                if method == "dense":  # calibrate the skip estimate on what the dense path really took
-                    dense_bytes_per_pair = max(result["peak_extra_bytes"] / batch**2, 1.0)
+                if method in DENSE_METHODS:  # calibrate the skip estimate on what the dense path really took
+                    dense_bytes_per_pair[method] = max(result["peak_extra_bytes"] / batch**2, 1.0)
                 print(f"{method:5s} B={batch:>7d}: {result['peak_extra_bytes'] / GIB:7.3f} GiB extra, "
                       f"{result['time_s']:8.2f} s, {case['useful_fraction_of_mm']:.2f} of torch.mm (useful)", flush=True)
             else:
                 print(f"{method:5s} B={batch:>7d}: {case.get('status')}: {case.get('reason', '')[-300:]}", flush=True)
             cases.append(case)
+    out_json = Path(ns.out_json)
+    command = "python " + " ".join([str(Path(sys.argv[0]))] + sys.argv[1:])
+    for case in cases:
+        case.update(command=command, device=ns.device)
+    if ns.merge and out_json.exists():  # keep the earlier cases this run did not repeat
+        done = {(c["method"], c["batch"], ns.device) for c in cases}
+        earlier = json.loads(out_json.read_text())
+        kept = [dict(c, command=c.get("command", earlier["command"]), device=c.get("device", earlier["device"]))
+                for c in earlier["cases"] if (c["method"], c["batch"], c.get("device", earlier["device"])) not in done]
+        cases = sorted(kept + cases, key=lambda c: (c["batch"], METHOD_ORDER.get(c["method"], 99)))
+        command = "; ".join(dict.fromkeys([earlier["command"], command]))
     report = {
-        "command": "python " + " ".join([str(Path(sys.argv[0]))] + sys.argv[1:]),
+        "command": command,
         "device": ns.device, "device_name": describe_device(ns.device), "torch": torch.__version__,
         "python": platform.python_version(), "dtype": "float32", "tau": 0.1,
         "labels": "pair ids (two views per item)", "threads": mm.get("threads"),
         "loadavg_start": load_start, "loadavg_end": os.getloadavg(), "mm": mm,
-        "flop_counts": "useful = 6*B^2*D (fwd 2, bwd 4); executed = useful for dense and tiled, 8*B^2*D for "
-                       "tiled_rows (backward recomputes the logits); fractions are against the square torch.mm "
+        "flop_counts": "useful = 6*B^2*D (fwd 2, bwd 4); executed = useful for the dense paths, tiled and the "
+                       "tiled decomposable (steady state: every id seen, one pass), 8*B^2*D for tiled_rows (backward "
+                       "recomputes the logits) and the tiled tcm (count pass, then the gradient pass); fractions are "
+                       "against the square torch.mm "
                        "rate measured in each case's process just before and after its timed steps (mean)",
         "targets": {"tiled_extra_gib_at_131072": 2.0, "useful_fraction_of_mm": 0.5},
         "cases": cases,
     }
-    out_json = Path(ns.out_json)
     out_json.parent.mkdir(parents=True, exist_ok=True)
     out_json.write_text(json.dumps(report, indent=2) + "\n")
     Path(ns.out_md).write_text(markdown(report))
     print(f"wrote {out_json} and {ns.out_md}")
 
 
+METHOD_ORDER = {m: i for i, m in enumerate(
+    ["dense", "tiled", "tiled_rows", "decomposable_dense", "decomposable", "tcm_dense", "tcm"])}
+
+
 def markdown(r: dict) -> str:
     mm = r["mm"]
     lines = [
-        "# InfoNCE forward + backward: dense (B x B) vs tiled (gradients in forward) vs tiled rows (recomputing backward)",
+        "# Pair losses forward + backward: dense (B x B) vs tiled. InfoNCE: tiled (gradients in forward) and tiled "
+        "rows (recomputing backward); the decomposable loss and TCM: dense and tiled",
         "",
-        f"Command: `{r['command']}`",
+        f"Command(s): `{r['command']}`",
         "",
         f"Device: {r['device_name']} ({r['device']}), torch {r['torch']}, {r['threads']} threads, "
         f"float32, D = {r['cases'][0]['dim'] if r['cases'] else '?'}, tau = {r['tau']}, labels: {r['labels']}. "
@@ -303,7 +359,9 @@ def markdown(r: dict) -> str:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="4096,16384,65536,131072", help="comma-separated global batch sizes")
-    p.add_argument("--methods", default="dense,tiled,tiled_rows", help="comma-separated: dense, tiled, tiled_rows")
+    p.add_argument("--methods", default="dense,tiled,tiled_rows,decomposable_dense,decomposable,tcm_dense,tcm",
+                   help="comma-separated: dense, tiled, tiled_rows, decomposable_dense, decomposable, tcm_dense, tcm")
+    p.add_argument("--merge", action="store_true", help="keep the earlier cases of --out-json this run does not repeat")
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--tile-size", type=int, default=1024)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])

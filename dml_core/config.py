@@ -73,7 +73,7 @@ class LossSection:
     tau: float = 0.1
     tile_size: int = 1024
     tiled_above: int = 8192
-    gamma: float = 0.9  # decomposable only
+    gamma: float = 0.1  # decomposable only: E-step rate; 0.1 was best in benchmarks/decomposable_bias.py
     gamma_shape: Optional[float] = None  # decomposable only; None = deterministic u
     tcm: Optional[TCMSection] = None
     bct: Optional[BCTSection] = None

@@ -4,6 +4,10 @@ Penalises positive pairs whose cosine similarity falls below `m_pos` and negativ
 `m_neg`; each term is a mean over its hard pairs only. Add it to a base loss: `InfoNCE() + TCM()`.
 Pairs are ordered pairs (i, j), i != j (the mean over ordered pairs equals the mean over unordered ones,
 since s_ij = s_ji); `hard_pos` / `hard_neg` therefore count ordered pairs.
+
+Above `tiled_above` keys (METHODS 1.3) the b x B similarity is never built: one pass over row tiles counts
+the hard pairs (and sums their hinges), and once the global counts are known a second pass makes the
+gradient of the weighted hinge sums during forward (`dml_core.losses.tiled.tiled_hinge_sum`).
 """
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ import torch
 from dml_core.distributed import ddp_scale
 from dml_core.losses.base import EmbeddingLoss
 from dml_core.losses.batch import EmbeddingBatch
+from dml_core.losses.tiled import tiled_hinge_stats, tiled_hinge_sum
 
 
 def check_params(m_pos: float, m_neg: float, lambda_pos: float, lambda_neg: float) -> None:
@@ -38,16 +43,51 @@ def _hard_pair_sums(batch: EmbeddingBatch, m_pos: float, m_neg: float):
     return sum_pos, sum_neg, hard_pos.sum(), hard_neg.sum()
 
 
+def _check_tiles(tile_size: int) -> None:
+    if tile_size < 1:
+        raise ValueError(f"TCM: tile_size must be >= 1, got {tile_size}")
+
+
+class _Terms:
+    """The two hinge sums of this rank's anchors: `totals` (count_pos, count_neg, sum_pos, sum_neg), float64
+    and detached, and `weighted(w_pos, w_neg)`, the loss `w_pos * sum_pos + w_neg * sum_neg` with graph.
+    Dense (b x B) at or below `tiled_above` keys, row tiles above."""
+
+    def __init__(self, batch: EmbeddingBatch, m_pos: float, m_neg: float, tile_size: int, tiled_above: int):
+        if batch.k.shape[0] < 2:
+            raise ValueError(f"TCM needs at least 2 embeddings to form a pair, got {batch.k.shape[0]}")
+        self.batch, self.m_pos, self.m_neg, self.tile_size = batch, m_pos, m_neg, tile_size
+        self.tiled = batch.k.shape[0] > tiled_above
+        if self.tiled:
+            self.sums = tiled_hinge_stats(batch.q, batch.k, batch.labels_q, batch.labels_k, batch.offset, m_pos,
+                                          m_neg, tile_size)
+            self.totals = self.sums[[2, 3, 0, 1]]
+        else:
+            self.sum_pos, self.sum_neg, n_pos, n_neg = _hard_pair_sums(batch, m_pos, m_neg)
+            self.totals = torch.stack([n_pos.double(), n_neg.double(), self.sum_pos.detach().double(),
+                                       self.sum_neg.detach().double()])
+
+    def weighted(self, w_pos: float, w_neg: float) -> torch.Tensor:
+        if not self.tiled:
+            return w_pos * self.sum_pos + w_neg * self.sum_neg
+        b = self.batch
+        return tiled_hinge_sum(b.q, b.k, b.labels_q, b.labels_k, b.offset, self.m_pos, self.m_neg, w_pos, w_neg,
+                               self.tile_size, stats=self.sums)
+
+
 def tcm_loss(z, labels, m_pos: float = 0.9, m_neg: float = 0.5, lambda_pos: float = 1.0,
-             lambda_neg: float = 1.0) -> torch.Tensor:
+             lambda_neg: float = 1.0, tile_size: int = 1024, tiled_above: int = 8192) -> torch.Tensor:
     """METHODS.md 2 on one process: the TCM value of batch `z` (L2-normalised here) as a 0-dim tensor.
 
-    Accepts tensors or arrays; the result supports `float()` and `backward()`.
+    Accepts tensors or arrays; the result supports `float()` and `backward()`. Above `tiled_above` rows the
+    pairs go through row tiles of `tile_size` (never N x N).
     """
     check_params(m_pos, m_neg, lambda_pos, lambda_neg)
+    _check_tiles(tile_size)
     batch = EmbeddingBatch.local(torch.as_tensor(z), torch.as_tensor(labels))
-    sum_pos, sum_neg, n_pos, n_neg = _hard_pair_sums(batch, m_pos, m_neg)
-    return lambda_pos * sum_pos / n_pos.clamp(min=1) + lambda_neg * sum_neg / n_neg.clamp(min=1)
+    terms = _Terms(batch, m_pos, m_neg, tile_size, tiled_above)
+    n_pos, n_neg = terms.totals[:2].tolist()
+    return terms.weighted(lambda_pos / max(n_pos, 1.0), lambda_neg / max(n_neg, 1.0))
 
 
 class TCM(EmbeddingLoss):
@@ -57,24 +97,26 @@ class TCM(EmbeddingLoss):
     `ddp_scale(global hard-pair count)` (one all-reduce of four numbers when distributed), so DDP's gradient
     average is the exact gradient of the global-batch TCM. `stats`: `hard_pos`, `hard_neg` (global
     ordered-pair counts) and `tcm_pos`, `tcm_neg` (the global values of the two means, before the lambdas).
+    tile_size / tiled_above: the tiled path (METHODS 1.3) above `tiled_above` keys, as InfoNCE's.
     """
 
     def __init__(self, m_pos: float = 0.9, m_neg: float = 0.5, lambda_pos: float = 1.0,
-                 lambda_neg: float = 1.0) -> None:
+                 lambda_neg: float = 1.0, tile_size: int = 1024, tiled_above: int = 8192) -> None:
         super().__init__()
         check_params(m_pos, m_neg, lambda_pos, lambda_neg)
+        _check_tiles(tile_size)
         self.m_pos, self.m_neg = m_pos, m_neg
         self.lambda_pos, self.lambda_neg = lambda_pos, lambda_neg
+        self.tile_size, self.tiled_above = int(tile_size), int(tiled_above)
 
     def compute(self, batch: EmbeddingBatch) -> torch.Tensor:
-        sum_pos, sum_neg, n_pos, n_neg = _hard_pair_sums(batch, self.m_pos, self.m_neg)
-        totals = torch.stack([n_pos.double(), n_neg.double(), sum_pos.detach().double(),
-                              sum_neg.detach().double()])
-        g_pos, g_neg, g_sum_pos, g_sum_neg = batch.sum_over_ranks(totals).tolist()
-        loss = (self.lambda_pos * sum_pos * ddp_scale(max(g_pos, 1.0), batch.world)
-                + self.lambda_neg * sum_neg * ddp_scale(max(g_neg, 1.0), batch.world))
+        terms = _Terms(batch, self.m_pos, self.m_neg, self.tile_size, self.tiled_above)
+        g_pos, g_neg, g_sum_pos, g_sum_neg = batch.sum_over_ranks(terms.totals).tolist()
+        loss = terms.weighted(self.lambda_pos * ddp_scale(max(g_pos, 1.0), batch.world),
+                              self.lambda_neg * ddp_scale(max(g_neg, 1.0), batch.world))
         self.stats = {
             "hard_pos": g_pos, "hard_neg": g_neg,
             "tcm_pos": g_sum_pos / max(g_pos, 1.0), "tcm_neg": g_sum_neg / max(g_neg, 1.0),
+            "tiled": float(terms.tiled),
         }
         return loss

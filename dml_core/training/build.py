@@ -31,14 +31,15 @@ def build_loss(cfg: Config, num_samples: int | None = None, old_weights: torch.T
         if not num_samples:
             raise ValueError("loss.base=decomposable needs num_samples (the id range of the training set)")
         loss = DecomposableLoss(num_samples, tau=lc.tau, gamma=lc.gamma, gamma_shape=lc.gamma_shape,
-                                seed=cfg.train.seed)
+                                seed=cfg.train.seed, tile_size=lc.tile_size, tiled_above=lc.tiled_above)
     else:
         raise ValueError(f"loss.base is unknown: {lc.base!r}")
     if lc.tcm is not None:
         from dml_core.losses.tcm import TCM
 
         t = lc.tcm
-        loss = loss + TCM(m_pos=t.m_pos, m_neg=t.m_neg, lambda_pos=t.lambda_pos, lambda_neg=t.lambda_neg)
+        loss = loss + TCM(m_pos=t.m_pos, m_neg=t.m_neg, lambda_pos=t.lambda_pos, lambda_neg=t.lambda_neg,
+                          tile_size=lc.tile_size, tiled_above=lc.tiled_above)
     if lc.bct is not None:
         from dml_core.losses.bct import BCT
 

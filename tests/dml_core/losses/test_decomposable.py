@@ -8,7 +8,10 @@ from collections import defaultdict
 import pytest
 import torch
 
-from dml_core.losses.decomposable import DecomposableLoss, decomposable_loss
+import numpy as np
+
+from dml_core.losses.decomposable import DEFAULT_GAMMA, DecomposableLoss, decomposable_loss
+from tests.dml_core.losses.test_tiled import MaxOutputNumel
 
 SHAPES = [(6, 3), (12, 8), (21, 5)]
 DTYPES = [torch.float32, torch.float64]
@@ -33,10 +36,12 @@ def naive_m_step(z, labels, u, tau):
 
 
 class NaiveEM:
-    """Dictionary-based E-step: duplicates of an id are averaged and update it once; gamma = 1 on first visit."""
+    """Dictionary-based stochastic EM of METHODS 1.5. Duplicates of an id are averaged into one Zhat and one
+    update (gamma = 1 on a first visit). order "m_then_e" (the spec): u_i = 1 / zbar_i from the state before
+    this batch, or 1 / this batch's Zhat_i on a first visit, then the E-step; "e_then_m": the E-step first."""
 
-    def __init__(self, tau, gamma):
-        self.tau, self.gamma, self.zbar = tau, gamma, {}
+    def __init__(self, tau, gamma, order="m_then_e"):
+        self.tau, self.gamma, self.order, self.zbar = tau, gamma, order, {}
 
     def step(self, z, labels, ids):
         rows = naive_rows(z.detach().double(), labels, self.tau)
@@ -44,10 +49,19 @@ class NaiveEM:
         for i, (_, zhat) in enumerate(rows):
             if zhat is not None:
                 groups[int(ids[i])].append(float(zhat))
-        for k, values in groups.items():
-            mean = sum(values) / len(values)
-            self.zbar[k] = mean if k not in self.zbar else (1 - self.gamma) * self.zbar[k] + self.gamma * mean
-        u = [1.0 / self.zbar[int(k)] if int(k) in self.zbar else 0.0 for k in ids]
+        means = {k: sum(v) / len(v) for k, v in groups.items()}
+
+        def e_step():
+            for k, mean in means.items():
+                self.zbar[k] = mean if k not in self.zbar else (1 - self.gamma) * self.zbar[k] + self.gamma * mean
+
+        if self.order == "e_then_m":
+            e_step()
+            used = dict(self.zbar)
+        else:
+            used = {**means, **self.zbar}  # the state before this batch; this batch's Zhat where none yet
+            e_step()
+        u = [1.0 / used[int(k)] if int(k) in used else 0.0 for k in ids]
         return naive_m_step(z, labels, u, self.tau)
 
 
@@ -83,10 +97,11 @@ def test_functional_m_step_matches_naive(shape, dtype, tau):
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("gamma", [0.9, 0.3])
-def test_several_em_steps_match_naive_state_value_and_gradient(shape, dtype, gamma):
+@pytest.mark.parametrize("order", ["m_then_e", "e_then_m"])
+def test_several_em_steps_match_naive_state_value_and_gradient(shape, dtype, gamma, order):
     n, d = shape
     num_samples, tau = 2 * n, 0.1
-    loss, ref = DecomposableLoss(num_samples, tau=tau, gamma=gamma), NaiveEM(tau, gamma)
+    loss, ref = DecomposableLoss(num_samples, tau=tau, gamma=gamma, order=order), NaiveEM(tau, gamma, order)
     g = torch.Generator().manual_seed(n)
     for step in range(4):
         z, labels = _batch(n, d, dtype, seed=10 * n + step)
@@ -108,7 +123,7 @@ def test_self_supervised_two_views_share_an_id():
     z, _ = _batch(8, 4, torch.float64, seed=3)
     pair = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
     ids = torch.tensor([5, 5, 2, 2, 7, 7, 0, 0])
-    loss, ref = DecomposableLoss(8), NaiveEM(0.1, 0.9)
+    loss, ref = DecomposableLoss(8, gamma=0.9), NaiveEM(0.1, 0.9)
     for _ in range(2):
         torch.testing.assert_close(loss(z, pair, ids), ref.step(z, pair, ids))
     rows = naive_rows(z, pair, 0.1)
@@ -211,3 +226,162 @@ def test_bad_batches_raise(z, labels, match):
 def test_bad_parameters_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):
         DecomposableLoss(**kwargs)
+
+
+def test_spec_order_uses_the_state_before_the_batch():
+    # second visit of the same ids: u = 1 / (Zhat of the FIRST visit), whatever this batch's Zhat is
+    z1, labels = _batch(9, 4, torch.float64, seed=11)
+    z2, _ = _batch(9, 4, torch.float64, seed=12)
+    ids = torch.arange(9)
+    loss = DecomposableLoss(9, gamma=0.5)
+    loss(z1, labels, ids)
+    first = [zh for _, zh in naive_rows(z1, labels, 0.1)]
+    got = loss(z2, labels, ids)
+    want = naive_m_step(z2, labels, [1.0 / zh for zh in first], 0.1)
+    torch.testing.assert_close(got, want)
+    second = [zh for _, zh in naive_rows(z2, labels, 0.1)]
+    torch.testing.assert_close(loss.zbar, torch.tensor([0.5 * a + 0.5 * b for a, b in zip(first, second)]))
+    # the previous order: u from the state updated with this batch
+    old = DecomposableLoss(9, gamma=0.5, order="e_then_m")
+    old(z1, labels, ids)
+    want_old = naive_m_step(z2, labels, [1.0 / (0.5 * a + 0.5 * b) for a, b in zip(first, second)], 0.1)
+    torch.testing.assert_close(old(z2, labels, ids), want_old)
+
+
+def test_default_gamma_is_used():
+    assert DecomposableLoss(4).gamma == DEFAULT_GAMMA
+
+
+@pytest.mark.parametrize("tau", [0.0, -0.1, float("nan"), float("inf"), "0.1", None, True])
+def test_functional_bad_tau_raises(tau):
+    z, labels = _batch(6, 3, torch.float64, seed=1)
+    with pytest.raises(ValueError, match="tau must be a finite number > 0"):
+        decomposable_loss(z, labels, torch.ones(6), tau=tau)
+
+
+@pytest.mark.parametrize("u, err, match", [
+    (-torch.ones(6), ValueError, r"u must be finite and > 0.*rows \[0, 1, 2, 3, 4\]"),
+    (torch.tensor([1.0, 1.0, 0.0, 1.0, 1.0, 1.0]), ValueError, r"u must be finite and > 0.*rows \[2\]"),
+    (torch.tensor([1.0, float("nan"), 1.0, 1.0, 1.0, 1.0]), ValueError, "finite"),
+    (torch.tensor([1.0, float("inf"), 1.0, 1.0, 1.0, 1.0]), ValueError, "finite"),
+    (torch.ones(5), ValueError, "one value per row"),
+    (torch.ones(6, 1), ValueError, "one value per row"),
+    (torch.ones(6, dtype=torch.bool), TypeError, "real numbers"),
+    ("abc", TypeError, "u must be a tensor, a NumPy array or a"),
+])
+def test_functional_bad_u_raises(u, err, match):
+    z, labels = _batch(6, 3, torch.float64, seed=1)
+    with pytest.raises(err, match=match):
+        decomposable_loss(z, labels, u)
+
+
+def test_functional_accepts_arrays_and_lists():
+    z, labels = _batch(8, 3, torch.float64, seed=2)
+    u = torch.linspace(0.01, 0.02, 8, dtype=torch.float64)
+    want = decomposable_loss(z, labels, u)
+    for args in [(z.numpy(), labels.numpy(), u.numpy()), (z.tolist(), labels.tolist(), u.tolist()),
+                 (z, labels, u.tolist()), (z, labels, u.float())]:
+        got = decomposable_loss(*args)
+        assert torch.isfinite(got)
+        torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=0)
+    assert decomposable_loss([[1, 0], [1, 1], [0, 1], [-1, 1]], [0, 0, 1, 1], [1, 1, 1, 1]).dtype == torch.float32
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(num_samples=4, tau=float("nan")), "tau"), (dict(num_samples=4, gamma=1.5), "gamma"),
+    (dict(num_samples=4, order="em"), "order"), (dict(num_samples=4, tile_size=0), "tile_size"),
+    (dict(num_samples=4, gamma_shape=float("nan")), "gamma_shape"),
+])
+def test_more_bad_parameters_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        DecomposableLoss(**kwargs)
+
+
+# ---- the tiled path (METHODS 1.3): equal to the dense one, never b x B ----
+
+def _tiled_batch(n, d, dtype, seed):
+    z, labels = _batch(n, d, dtype, seed, classes=4)
+    labels[2] = 99  # an anchor without a positive (left out, still a negative of the others)
+    return z, labels
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tau", [0.1, 0.015])
+@pytest.mark.parametrize("order", ["m_then_e", "e_then_m"])
+@pytest.mark.parametrize("gamma_shape", [None, 2.0])
+def test_tiled_equals_dense_over_several_steps(dtype, tau, order, gamma_shape):
+    # tau = 0.015 exceeds the float32 no-shift bound, so both exp paths are covered; the embeddings move
+    # a little per step (as in training) so that u_i * Zhat_i stays of order 1
+    n, d, num_samples = 13, 5, 20
+    dense = DecomposableLoss(num_samples, tau=tau, gamma=0.3, order=order, gamma_shape=gamma_shape, seed=4)
+    tiled = {t: DecomposableLoss(num_samples, tau=tau, gamma=0.3, order=order, gamma_shape=gamma_shape, seed=4,
+                                 tile_size=t, tiled_above=0) for t in (1, 4, 13, 20)}
+    g = torch.Generator().manual_seed(3)
+    rtol = 2e-5 if dtype == torch.float32 else 1e-10
+    base, labels = _tiled_batch(n, d, dtype, seed=100)
+    for step in range(4):
+        z = base + 0.05 * torch.randn(n, d, generator=g, dtype=dtype)
+        ids = torch.randperm(num_samples, generator=g)[:n]
+        ids[5] = ids[4]
+        want, want_grad = _value_and_grad(lambda x: dense(x, labels, ids), z)
+        assert dense.stats["tiled"] == 0.0
+        for loss in tiled.values():
+            got, got_grad = _value_and_grad(lambda x: loss(x, labels, ids), z)
+            assert loss.stats["tiled"] == 1.0 and got.dtype == want.dtype
+            torch.testing.assert_close(got, want, rtol=rtol, atol=rtol * float(want.abs()))
+            torch.testing.assert_close(got_grad, want_grad, rtol=rtol, atol=rtol * float(want_grad.abs().max()))
+            torch.testing.assert_close(loss.zbar, dense.zbar, rtol=rtol, atol=0)
+            assert torch.equal(loss.seen, dense.seen) and int(loss.step) == int(dense.step)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_functional_tiled_equals_dense(dtype):
+    z, labels = _tiled_batch(11, 4, dtype, seed=8)
+    u = torch.rand(11, generator=torch.Generator().manual_seed(2), dtype=torch.float64) * 0.01 + 1e-3
+    want, want_grad = _value_and_grad(lambda x: decomposable_loss(x, labels, u), z)
+    got, got_grad = _value_and_grad(lambda x: decomposable_loss(x, labels, u, tile_size=3, tiled_above=0), z)
+    rtol = 2e-5 if dtype == torch.float32 else 1e-10
+    torch.testing.assert_close(got, want, rtol=rtol, atol=0)
+    torch.testing.assert_close(got_grad, want_grad, rtol=rtol, atol=rtol * float(want_grad.abs().max()))
+
+
+def test_tiled_never_materialises_b_by_b():
+    n, d, tile_size = 384, 8, 16
+    z, labels = _batch(n, d, torch.float32, seed=0, classes=60)
+    ids = torch.arange(n)
+    loss = DecomposableLoss(n, tile_size=tile_size, tiled_above=0)
+    loss(z, labels, ids)  # first visit
+    for _ in range(2):
+        x = z.clone().requires_grad_()
+        with MaxOutputNumel() as mode:
+            loss(x, labels, ids).backward()
+        assert mode.largest <= max(tile_size * n, n * d)
+    x = z.clone().requires_grad_()
+    with MaxOutputNumel() as mode:
+        decomposable_loss(x, labels, torch.ones(n), tile_size=tile_size, tiled_above=0).backward()
+    assert mode.largest <= max(tile_size * n, n * d)
+    with MaxOutputNumel() as mode:  # the detector sees the dense path's n x n
+        DecomposableLoss(n)(z, labels, ids)
+    assert mode.largest >= n * n
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_tiled_equals_dense_with_small_classes(dtype):
+    # pair ids (two views per item) and a few larger classes: the tiles gather the same-label pairs by index
+    n, d, num_samples = 40, 6, 40
+    labels = torch.cat([torch.arange(30) // 2, torch.full((6,), 50), torch.tensor([60, 60, 61, 62])])
+    g = torch.Generator().manual_seed(9)
+    base = torch.randn(n, d, generator=g, dtype=dtype)
+    dense = DecomposableLoss(num_samples, gamma=0.3)
+    tiled = DecomposableLoss(num_samples, gamma=0.3, tile_size=7, tiled_above=0)
+    rtol = 2e-5 if dtype == torch.float32 else 1e-10
+    for step in range(3):
+        z = base + 0.05 * torch.randn(n, d, generator=g, dtype=dtype)
+        ids = torch.randperm(num_samples, generator=g)
+        want, want_grad = _value_and_grad(lambda x: dense(x, labels, ids), z)
+        got, got_grad = _value_and_grad(lambda x: tiled(x, labels, ids), z)
+        assert tiled.stats["single_pass"] == float(step > 0)  # every id seen after the first step
+        torch.testing.assert_close(got, want, rtol=rtol, atol=rtol * float(want.abs()))
+        torch.testing.assert_close(got_grad, want_grad, rtol=rtol, atol=rtol * float(want_grad.abs().max()))
+        torch.testing.assert_close(tiled.zbar, dense.zbar, rtol=rtol, atol=0)
+        assert tiled.stats == pytest.approx({**dense.stats, "tiled": 1.0, "single_pass": float(step > 0)}, rel=rtol)

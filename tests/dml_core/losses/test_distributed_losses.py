@@ -17,7 +17,8 @@ from tests.dml_core.losses.test_info_nce import assert_close_rel
 
 D_IN, D_OUT, NUM_SAMPLES, NUM_CLASSES, BATCH, STEPS = 5, 4, 20, 3, 8, 3
 KINDS = ["info_nce", "info_nce_tiled", "tcm", "decomposable", "decomposable_sampled", "bct", "info_nce+tcm",
-         "decomposable+tcm", "info_nce+tcm+bct", "decomposable+tcm+bct"]
+         "decomposable+tcm", "info_nce+tcm+bct", "decomposable+tcm+bct", "decomposable_tiled+tcm_tiled",
+         "decomposable_tiled_seen"]
 
 
 def _make_loss(kind: str) -> nn.Module:
@@ -30,10 +31,20 @@ def _make_loss(kind: str) -> nn.Module:
         "decomposable": lambda: DecomposableLoss(NUM_SAMPLES, tau=0.2),
         "decomposable_sampled": lambda: DecomposableLoss(NUM_SAMPLES, tau=0.2, gamma_shape=3.0, seed=7),
         "bct": lambda: BCT(w_old, tau_bct=0.3),
+        "decomposable_tiled": lambda: DecomposableLoss(NUM_SAMPLES, tau=0.2, tile_size=3, tiled_above=0),
+        "tcm_tiled": lambda: TCM(m_pos=0.5, m_neg=0.0, tile_size=3, tiled_above=0),
+        "decomposable_tiled_seen": lambda: _seen(DecomposableLoss(NUM_SAMPLES, tau=0.2, tile_size=3, tiled_above=0)),
     }
     loss = None
     for name in kind.split("+"):
         loss = terms[name]() if loss is None else loss + terms[name]()
+    return loss
+
+
+def _seen(loss: DecomposableLoss) -> DecomposableLoss:
+    """A state in which every id has been seen: the tiled path's single-pass steady state."""
+    loss.seen.fill_(True)
+    loss.zbar.copy_(torch.linspace(1.5, 3.0, NUM_SAMPLES, dtype=torch.float64))
     return loss
 
 
@@ -118,4 +129,9 @@ def test_single_process_reference_is_not_trivial(single_process):
     assert all(s["tcm/hard_pos"] > 0 and s["tcm/hard_neg"] > 0 for s in single["decomposable+tcm"]["stats"])
     assert int(single["decomposable"]["state"]["seen"].sum()) > BATCH
     assert single["info_nce_tiled"]["stats"][0]["tiled"] == 1.0
+    tiled = single["decomposable_tiled+tcm_tiled"]["stats"][0]
+    assert tiled["decomposable/tiled"] == 1.0 and tiled["tcm/tiled"] == 1.0
+    assert all(s["single_pass"] == 1.0 for s in single["decomposable_tiled_seen"]["stats"])
+    for got, want in zip(single["decomposable_tiled+tcm_tiled"]["grads"], single["decomposable+tcm"]["grads"]):
+        assert_close_rel(torch.from_numpy(got), torch.from_numpy(want), 1e-10)  # the tiled path is exact
     assert single["future_warnings"] == []

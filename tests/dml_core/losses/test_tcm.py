@@ -142,3 +142,67 @@ def test_bad_input_raises_clear_errors(z, labels, match):
 def test_bad_parameters_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):
         TCM(**kwargs)
+
+
+# ---- the tiled path (METHODS 1.3): equal to the dense one, never b x B ----
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [2, 9, 23])
+@pytest.mark.parametrize("margins", [(0.9, 0.5), (0.2, -0.3), (-1.0, 1.0)])
+def test_tiled_equals_dense(dtype, n, margins):
+    from tests.dml_core.losses.test_decomposable import _value_and_grad
+
+    m_pos, m_neg = margins
+    z, labels = _batch(n, 4, dtype, seed=n)
+    dense = TCM(m_pos, m_neg, lambda_pos=0.7, lambda_neg=1.3)
+    want, want_grad = _value_and_grad(lambda x: dense(x, labels), z)
+    rtol = 2e-5 if dtype == torch.float32 else 1e-10
+    for tile_size in (1, 4, n, n + 3):
+        tiled = TCM(m_pos, m_neg, lambda_pos=0.7, lambda_neg=1.3, tile_size=tile_size, tiled_above=0)
+        got, got_grad = _value_and_grad(lambda x: tiled(x, labels), z)
+        assert tiled.stats.pop("tiled") == 1.0 and dense.stats["tiled"] == 0.0
+        torch.testing.assert_close(got, want, rtol=rtol, atol=rtol)
+        torch.testing.assert_close(got_grad, want_grad, rtol=rtol, atol=rtol)
+        assert tiled.stats == pytest.approx({k: v for k, v in dense.stats.items() if k != "tiled"}, rel=rtol)
+        fn, fn_grad = _value_and_grad(lambda x: tcm_loss(x, labels, m_pos, m_neg, 0.7, 1.3, tile_size, 0), z)
+        torch.testing.assert_close(fn, want, rtol=rtol, atol=rtol)
+        torch.testing.assert_close(fn_grad, want_grad, rtol=rtol, atol=rtol)
+
+
+def test_tiled_never_materialises_b_by_b():
+    from tests.dml_core.losses.test_tiled import MaxOutputNumel
+
+    n, d, tile_size = 384, 8, 16
+    z, labels = _batch(n, d, torch.float32, seed=0, classes=40)
+    x = z.clone().requires_grad_()
+    with MaxOutputNumel() as mode:
+        loss = TCM(m_pos=0.5, m_neg=0.0, tile_size=tile_size, tiled_above=0)(x, labels)
+        loss.backward()
+        tcm_loss(x, labels, 0.5, 0.0, tile_size=tile_size, tiled_above=0).backward()
+    assert float(loss.detach()) > 0 and mode.largest <= max(tile_size * n, n * d)
+    with MaxOutputNumel() as mode:
+        TCM()(z, labels)
+    assert mode.largest >= n * n
+
+
+def test_bad_tile_size_raises():
+    with pytest.raises(ValueError, match="tile_size"):
+        TCM(tile_size=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_tiled_equals_dense_with_small_classes(dtype):
+    # pair ids and a few larger classes: the tiles gather the same-label pairs by index
+    from tests.dml_core.losses.test_decomposable import _value_and_grad
+
+    labels = torch.cat([torch.arange(30) // 2, torch.full((6,), 50), torch.tensor([60, 60, 61, 62])])
+    z = torch.randn(40, 3, generator=torch.Generator().manual_seed(1), dtype=dtype)
+    dense = TCM(0.5, 0.0)
+    want, want_grad = _value_and_grad(lambda x: dense(x, labels), z)
+    rtol = 2e-5 if dtype == torch.float32 else 1e-10
+    tiled = TCM(0.5, 0.0, tile_size=7, tiled_above=0)
+    got, got_grad = _value_and_grad(lambda x: tiled(x, labels), z)
+    assert dense.stats["hard_pos"] > 0 and dense.stats["hard_neg"] > 0
+    torch.testing.assert_close(got, want, rtol=rtol, atol=rtol)
+    torch.testing.assert_close(got_grad, want_grad, rtol=rtol, atol=rtol)
+    assert tiled.stats["hard_pos"] == dense.stats["hard_pos"] and tiled.stats["hard_neg"] == dense.stats["hard_neg"]
