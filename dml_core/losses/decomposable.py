@@ -46,7 +46,8 @@ import torch
 from dml_core.distributed import ddp_scale
 from dml_core.losses.base import EmbeddingLoss
 from dml_core.losses.batch import EmbeddingBatch, class_index
-from dml_core.losses.tiled import compute_dtype, tiled_log_neg_mean, tiled_neg_mean_sum
+from dml_core.losses.tiled import compute_dtype
+from dml_core.losses.tiled_pairs import tiled_log_neg_mean, tiled_neg_mean_sum
 
 ORDERS = ("m_then_e", "e_then_m")
 DEFAULT_GAMMA = 0.1  # the E-step rate: see the module docstring and benchmarks/decomposable_bias.py

@@ -16,7 +16,7 @@ import torch
 from dml_core.distributed import ddp_scale
 from dml_core.losses.base import EmbeddingLoss
 from dml_core.losses.batch import EmbeddingBatch
-from dml_core.losses.tiled import tiled_hinge_stats, tiled_hinge_sum
+from dml_core.losses.tiled_pairs import tiled_hinge_stats, tiled_hinge_sum
 
 
 def check_params(m_pos: float, m_neg: float, lambda_pos: float, lambda_neg: float) -> None:
