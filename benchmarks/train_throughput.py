@@ -130,15 +130,15 @@ def main() -> None:
             "torch": torch.__version__, "platform": platform.platform(),
             "loadavg_1_5_15_before": [round(x, 2) for x in load_before],
             "loadavg_1_5_15_after": [round(x, 2) for x in os.getloadavg()]}
-    os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, "train_throughput.json"), "w") as f:
-        json.dump({"meta": meta, "results": results}, f, indent=1)
     one, two = results["Ray Train, 1 worker"], results["Ray Train, 2 workers"]
     step_1, step_2 = (r["global_batch"] / r["samples_per_s"] for r in (one, two))
     meta["ray_1_worker_vs_plain"] = statistics.median(one["vs_plain_per_round"])
     meta["ray_1_worker_vs_plain_fast_steps"] = statistics.median(one["fast_vs_plain_per_round"])
     meta["step_s_1_worker"], meta["step_s_2_workers"] = step_1, step_2
     meta["communication_share_2_workers"] = 1 - step_1 / step_2  # same per-worker batch and compute
+    os.makedirs(RESULTS, exist_ok=True)
+    with open(os.path.join(RESULTS, "train_throughput.json"), "w") as f:
+        json.dump({"meta": meta, "results": results}, f, indent=1)
     lines = ["# Training throughput", "", f"Command: `{meta['command']}`", "",
              f"{meta['cpu_count']} CPUs, torch {meta['torch']}, {args.backbone} {args.widths}, {args.loss}, "
              f"{args.batch_size} images per worker per step, median over steps {args.warmup + 1}..{args.steps}; "
@@ -151,8 +151,8 @@ def main() -> None:
         rounds = ", ".join(f"{x:.0f}" for x in r["per_round"])
         ratios = ", ".join(f"{x:.2f}" for x in r["vs_plain_per_round"])
         lines.append(f"| {label} | {r['workers']} | {r['global_batch']} | {r['samples_per_s']:.0f} | {rounds} | {ratios} |")
-    lines += ["", f"Ray Train with 1 worker runs at {meta['ray_1_worker_vs_plain']:.2f}x plain PyTorch (median of the "
-              f"rounds' ratios of median step rates; {meta['ray_1_worker_vs_plain_fast_steps']:.2f}x on the fast "
+    lines += ["", f"Ray Train with 1 worker runs at {meta['ray_1_worker_vs_plain']:.3f}x plain PyTorch (median of the "
+              f"rounds' ratios of median step rates; {meta['ray_1_worker_vs_plain_fast_steps']:.3f}x on the fast "
               f"steps, the 90th percentile of step rates, which steal time on a shared machine disturbs least). "
               f"Step time {step_1 * 1e3:.0f} ms with 1 worker and {step_2 * 1e3:.0f} ms with 2 (the same batch and "
               f"compute per worker): communication and synchronisation take "
