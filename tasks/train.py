@@ -90,8 +90,8 @@ def checkpoint_url(run: str, checkpoint) -> str | None:
 def run_training(cfg: Config, on_step: Callable[[int, int], None] | None = None) -> TrainingResult:
     """Check, then train `cfg` on Ray (resuming `run.name` if it has checkpoints).
 
-    Ray keeps the `train.keep_best` checkpoints with the lowest `loss_avg` (the mean training loss since the
-    previous checkpoint) and the latest; any other checkpoint directory left in the run is removed at the end.
+    At the end the run keeps its newest checkpoint and the `train.keep_best` with the lowest `loss_avg` (the
+    mean training loss since the previous checkpoint), also among directories Ray never registered.
 
     `on_step(step, rank)` (picklable) runs on every worker before every step: a hook for callers that
     watch or perturb training, such as the fault-injection tests.
@@ -132,11 +132,8 @@ def run_training(cfg: Config, on_step: Callable[[int, int], None] | None = None)
     final = dict(result.return_value or {})
     if "error" in final:
         raise TrainingError(f"training stopped, not retried (it would fail again): {final['error']}")
-    kept = {_dir_name(c) for c, _ in result.best_checkpoints or []}
-    if result.checkpoint is not None:
-        kept.add(_dir_name(result.checkpoint))
-    for url in prune_checkpoints(storage.join(run, CHECKPOINTS), kept):
-        print(f"[train] removed {url}: a checkpoint Ray did not keep (train.keep_best ranks by loss_avg)", flush=True)
+    for url in prune_checkpoints(storage.join(run, CHECKPOINTS), cfg.train.keep_best):
+        print(f"[train] removed {url} (train.keep_best={cfg.train.keep_best} ranks checkpoints by loss_avg)", flush=True)
     return TrainingResult(run_dir=run, checkpoint=checkpoint_url(run, result.checkpoint),
                           metrics=dict(result.metrics or {}), final=final,
                           ray_result=result)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import math
 import os
 import re
 from typing import Any
@@ -106,20 +107,29 @@ def newest_checkpoint(checkpoints_url: str) -> tuple[str, dict] | None:
     return None
 
 
-def prune_checkpoints(checkpoints_url: str, keep: set[str]) -> list[str]:
-    """Delete the `checkpoint_<step>` directories under `checkpoints_url` whose names are not in `keep`
-    (e.g. ones written by a worker killed before the orchestrator registered them); returns their URLs."""
+def prune_checkpoints(checkpoints_url: str, keep_best: int) -> list[str]:
+    """Keep the newest `checkpoint_<step>` directory and the `keep_best` with the lowest `loss_avg`, delete the
+    rest and any that does not load; returns the deleted URLs. Applies to every directory on storage,
+    also those a worker wrote before it was killed, which the orchestrator never registered."""
     from dml_core import storage
 
     fs, path = storage.filesystem(checkpoints_url)
     fs.invalidate_cache(path)
     if not fs.exists(path):
         return []
-    names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)]
-    stray = [n for n in names if CHECKPOINT_NAME.fullmatch(n) and n not in keep]
-    for name in stray:
+    names = sorted(n for n in (p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
+                   if CHECKPOINT_NAME.fullmatch(n))
+    scores, unreadable = {}, []
+    for name in names:
+        try:
+            scores[name] = float(load_state(storage.join(checkpoints_url, name))["metrics"].get("loss_avg", math.inf))
+        except Exception:  # torn or incomplete: of no use to a resume
+            unreadable.append(name)
+    keep = set(sorted(scores, key=scores.get)[:keep_best]) | set(sorted(scores)[-1:])
+    gone = unreadable + [n for n in scores if n not in keep]
+    for name in gone:
         fs.rm(f"{path}/{name}", recursive=True)
-    return [storage.join(checkpoints_url, n) for n in stray]
+    return [storage.join(checkpoints_url, n) for n in gone]
 
 
 def restore_state(state: dict, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,

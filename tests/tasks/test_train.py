@@ -78,17 +78,18 @@ def test_embed_split_of_a_ray_checkpoint_equals_the_model_run_by_hand(runs, fmni
         torch.testing.assert_close(zi, by_hand[i][0], rtol=1e-4, atol=1e-5)
 
 
-def test_checkpoints_ray_did_not_keep_are_removed(tmp_path, fmnist_shards):
+def test_keep_best_applies_to_checkpoints_ray_never_registered(tmp_path, fmnist_shards):
+    from dml_core.training.state import CHECKPOINT_NAME
+
     cfg = small_config(str(tmp_path), fmnist_shards, "prune", steps=8,
                        train={"checkpoint_every": 2, "keep_best": 2})
     stray = os.path.join(cfg.run_dir, "checkpoints", "checkpoint_00000001")  # as if left by a killed worker
     os.makedirs(stray)
     open(os.path.join(stray, "model.pt"), "wb").close()  # unreadable: the run starts from scratch
     out = run_training(cfg)
-    left = sorted(os.listdir(os.path.join(cfg.run_dir, "checkpoints")))
-    kept = [n for n in left if n.startswith("checkpoint_")]
+    left = sorted(filter(CHECKPOINT_NAME.fullmatch, os.listdir(os.path.join(cfg.run_dir, "checkpoints"))))
     assert out.final["start_step"] == 0 and "checkpoint_00000001" not in left
-    assert "checkpoint_00000008" in kept and len(kept) <= 3, left  # keep_best by loss_avg, plus the latest
+    assert "checkpoint_00000008" in left and len(left) <= 3, left  # the latest and the 2 best by loss_avg
 
 
 def test_a_run_prints_our_progress_and_not_rays_known_noise(tmp_path, fmnist_shards):
