@@ -68,6 +68,12 @@ def _no_shift_ok(qc: torch.Tensor, kc: torch.Tensor, tau: float) -> bool:
     return bound <= _NO_SHIFT_LIMIT.get(qc.dtype, 60.0)
 
 
+def _operands(q, k, tau: float, dtype: torch.dtype):
+    """Detached anchors and keys in the compute dtype, the anchors over tau, and whether tiles need a row shift."""
+    qc, kc = q.detach().to(dtype), k.detach().to(dtype)
+    return qc, kc, qc / tau, not _no_shift_ok(qc, kc, tau)
+
+
 def _positives(qs, kc, offset: int, labels_q, labels_k):
     """What the positive term needs, from per-class key sums: (inv_q, inv_k, n_pos, class_sums, pos) with
     pos_i = q_i . (sum of keys of its class - its own key) / tau, the sum of anchor i's positive logits."""
@@ -105,9 +111,7 @@ class TiledInfoNCERows(torch.autograd.Function):
     def forward(ctx, q, k, labels_q, labels_k, offset: int, tau: float, tile_size: int):
         dtype = compute_dtype(q.dtype)
         with torch.autocast(device_type=q.device.type, enabled=False):
-            qc, kc = q.detach().to(dtype), k.detach().to(dtype)
-            shift = not _no_shift_ok(qc, kc, tau)
-            qs = qc / tau
+            qc, kc, qs, shift = _operands(q, k, tau, dtype)
             tiles = _Tiles(qs, kc, offset, tile_size)
             lse = torch.empty(qc.shape[0], dtype=dtype, device=q.device)
             for start, stop in tiles:
@@ -160,9 +164,7 @@ class TiledInfoNCESum(torch.autograd.Function):
         dtype = compute_dtype(q.dtype)
         want_q, want_k = ctx.needs_input_grad[:2]
         with torch.autocast(device_type=q.device.type, enabled=False):
-            qc, kc = q.detach().to(dtype), k.detach().to(dtype)
-            shift = not _no_shift_ok(qc, kc, tau)
-            qs = qc / tau
+            qc, kc, qs, shift = _operands(q, k, tau, dtype)
             tiles = _Tiles(qs, kc, offset, tile_size)
             positives = _positives(qs, kc, offset, labels_q, labels_k)
             valid = positives[2] > 0

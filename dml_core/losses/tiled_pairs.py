@@ -9,7 +9,7 @@ import math
 import torch
 
 from dml_core.losses.batch import class_index
-from dml_core.losses.tiled import _check_args, _no_shift_ok, _Tiles, compute_dtype
+from dml_core.losses.tiled import _check_args, _operands, _Tiles, compute_dtype
 
 
 class _SamePairs:
@@ -67,9 +67,8 @@ def tiled_log_neg_mean(q, k, labels_q, labels_k, offset: int = 0, tau: float = 0
     _check_args(q, k, labels_q, labels_k, offset, tile_size)
     dtype = compute_dtype(q.dtype)
     with torch.autocast(device_type=q.device.type, enabled=False):
-        qc, kc = q.detach().to(dtype), k.detach().to(dtype)
-        shift = not _no_shift_ok(qc, kc, tau)
-        tiles, same = _Tiles(qc / tau, kc, offset, tile_size), _SamePairs(labels_q, labels_k)
+        qc, kc, qs, shift = _operands(q, k, tau, dtype)
+        tiles, same = _Tiles(qs, kc, offset, tile_size), _SamePairs(labels_q, labels_k)
         out = torch.empty(qc.shape[0], dtype=dtype, device=q.device)
         for start, stop in tiles:  # in place in the tile buffer: no second c x B float temporary
             tile = _neg_logits(tiles, start, stop, same)
@@ -94,9 +93,7 @@ class TiledNegMeanSum(torch.autograd.Function):
         dtype = compute_dtype(q.dtype)
         want_q, want_k = ctx.needs_input_grad[:2]
         with torch.autocast(device_type=q.device.type, enabled=False):
-            qc, kc = q.detach().to(dtype), k.detach().to(dtype)
-            shift = not _no_shift_ok(qc, kc, tau)
-            qs = qc / tau
+            qc, kc, qs, shift = _operands(q, k, tau, dtype)
             tiles, same = _Tiles(qs, kc, offset, tile_size), _SamePairs(labels_q, labels_k)
             n_neg = _neg_counts(labels_q, labels_k)
             log_n = torch.log(n_neg.clamp(min=1).to(dtype))
