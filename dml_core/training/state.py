@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from dml_core import storage
+
 CHECKPOINTS = "checkpoints"  # <run dir>/checkpoints/checkpoint_<step>/
 MODEL_FILE = "model.pt"
 STATE_FILE = "state.pt"
@@ -75,8 +77,6 @@ def save_state(directory: str, model: nn.Module, optimizer: torch.optim.Optimize
 def load_state(directory: str) -> dict:
     """Read both files of a checkpoint directory (local path or storage URL); the model entry is the
     {spec, state_dict} dict."""
-    from dml_core import storage
-
     out = {}
     for key, name in (("model", MODEL_FILE), ("state", STATE_FILE)):
         url = storage.join(directory, name)
@@ -91,8 +91,6 @@ def newest_checkpoint(checkpoints_url: str) -> tuple[str, dict] | None:
 
     One left incomplete by a crash mid-write is skipped with a warning, so a run resumes from the one before.
     """
-    from dml_core import storage
-
     fs, path = storage.filesystem(checkpoints_url)
     fs.invalidate_cache(path)
     if not fs.exists(path):
@@ -111,8 +109,6 @@ def prune_checkpoints(checkpoints_url: str, keep_best: int) -> list[str]:
     """Keep the newest `checkpoint_<step>` directory and the `keep_best` with the lowest `loss_avg`, delete the
     rest and any that does not load; returns the deleted URLs. Applies to every directory on storage,
     also those a worker wrote before it was killed, which the orchestrator never registered."""
-    from dml_core import storage
-
     fs, path = storage.filesystem(checkpoints_url)
     fs.invalidate_cache(path)
     if not fs.exists(path):
