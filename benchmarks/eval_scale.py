@@ -74,11 +74,12 @@ def child(part: str, args) -> dict:
     return out
 
 
-def run_part(part: str, argv: list[str]) -> dict:
+def run_child(part: str, argv: list[str], script: str = __file__) -> dict:
+    """Run `script --child part` in a fresh process (its own peak memory) and return the JSON it wrote."""
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         path = f.name
     wall = time.perf_counter()
-    subprocess.run([sys.executable, __file__, "--child", part, "--child-out", path, *argv], check=True,
+    subprocess.run([sys.executable, script, "--child", part, "--child-out", path, *argv], check=True,
                    cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     res = json.loads(Path(path).read_text())
     os.unlink(path)
@@ -135,8 +136,8 @@ def main():
     report = {"command": " ".join(["python", "benchmarks/eval_scale.py", *argv]),
               "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
               "load_before": load_before, "args": {k: v for k, v in vars(args).items() if not k.startswith("child")}}
-    report["scale"] = run_part("scale", argv)
-    report["exact"] = run_part("exact", argv)
+    report["scale"] = run_child("scale", argv)
+    report["exact"] = run_child("exact", argv)
     report["load_after"] = [round(x, 2) for x in os.getloadavg()]
     report["children_max_rss_gib"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
     out = Path(args.out)

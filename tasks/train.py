@@ -1,10 +1,14 @@
 """The training stage on Ray Train: a `TorchTrainer` whose workers run `dml_core.training.loop.fit`.
 
-Ray brings the worker processes, the process group (gloo on CPU, NCCL on GPU), checkpoint upload to the
-run's storage and restarts after a worker failure (`ray.max_failures`); everything else is the library's.
+Ray brings the worker processes, the process group (gloo on CPU, NCCL on GPU) and restarts after a worker
+failure (`ray.max_failures`); everything else is the library's, checkpoints included: rank 0 writes them to
+the run's storage itself, and Ray keeps only its own bookkeeping, on local disk outside `run.root`.
 """
 from __future__ import annotations
 
+import errno
+import os
+import shutil
 import uuid
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -15,15 +19,37 @@ import ray.train
 from dml_core import storage
 from dml_core.config import Config, ConfigError, config_from_dict
 from dml_core.data.manifest import ManifestError
+from dml_core.training.lease import LeaseLostError, RunLease
 from dml_core.training.loop import Worker, fit
 from dml_core.training.preflight import preflight
-from dml_core.training.state import CHECKPOINTS, checkpoint_dir_name, prune_checkpoints
+from dml_core.training.skipped import KEYS as SKIPPED_KEYS
+from dml_core.training.state import CHECKPOINTS, checkpoint_metrics, checkpoint_names, prune_checkpoints
 from tasks import ray_runtime
 
 
 # Errors a restart cannot fix (bad config or data, a diverged loss): Ray restarts the worker group for any
 # error, so the first one is recorded on storage and the restarted group stops at once instead of training.
 RECURRING_ERRORS = (ConfigError, ManifestError, FloatingPointError)
+RECURRING_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)  # a full or read-only disk stays so
+
+
+def recurs(e: BaseException) -> bool:
+    return isinstance(e, RECURRING_ERRORS) or (isinstance(e, OSError) and e.errno in RECURRING_ERRNOS)
+
+
+@ray.remote(num_cpus=0)
+class FirstError:
+    """The first recurring error of a run, kept off storage (which may be the thing that failed) for the
+    restarted worker group to find."""
+
+    def __init__(self) -> None:
+        self.message: str | None = None
+
+    def record(self, message: str) -> None:
+        self.message = self.message or message
+
+    def get(self) -> str | None:
+        return self.message
 
 
 class TrainingError(RuntimeError):
@@ -34,14 +60,18 @@ class TrainingError(RuntimeError):
 class TrainingResult:
     run_dir: str
     checkpoint: str | None  # URL of the latest checkpoint directory
-    metrics: dict  # the last reported metrics
+    metrics: dict  # the metrics of the latest checkpoint
     final: dict  # what rank 0's loop returned (step, start_step, node ids, loss state digest)
     ray_result: Any
 
+    @property
+    def skipped(self) -> dict[str, int]:
+        """Shard reads and samples skipped by `data.on_error: skip`, over all workers and restarts."""
+        return {k: int(self.final.get(k, 0)) for k in SKIPPED_KEYS}
 
-def _report(metrics: dict, checkpoint_dir: str | None) -> None:
-    checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-    ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_dir_name(metrics["step"]))
+
+def _report(metrics: dict, checkpoint_url: str | None) -> None:
+    ray.train.report(metrics)  # the checkpoint is on storage already; Ray only hears the metrics
 
 
 def train_worker(loop_config: dict) -> dict:
@@ -51,82 +81,85 @@ def train_worker(loop_config: dict) -> dict:
     import torch
 
     gc.freeze()  # Ray's many long-lived objects stay out of the collections each training step triggers
-
+    ray_runtime.quiet_worker_logging()
     cfg = config_from_dict(loop_config["config"])
+    storage.use_endpoint(cfg.storage.endpoint_url)
+    storage.use_retry_seconds(cfg.storage.retry_seconds)
     manifest = loop_config["manifest"]
     ctx = ray.train.get_context()
     torch.set_num_threads(max(1, int(cfg.ray.resources_per_worker.get("CPU", 1))))
     worker = Worker(rank=ctx.get_world_rank(), world_size=ctx.get_world_size(),
                     device=ray.train.torch.get_device(), node_id=ray.get_runtime_context().get_node_id(),
                     report=_report, on_step=loop_config.get("on_step"))
-    failed = storage.join(cfg.run_dir, f".failed-{loop_config['attempt']}")
-    if storage.exists(failed):
-        return {"error": storage.read_bytes(failed).decode()}
+    first_error = loop_config["first_error"]
+    message = ray.get(first_error.get.remote())
+    if message is not None:
+        return {"error": message}
     try:
         return fit(cfg, manifest, worker)
-    except RECURRING_ERRORS as e:
-        storage.write_bytes_atomic(failed, f"{type(e).__name__}: {e}".encode())
+    except Exception as e:
+        if recurs(e):
+            ray.get(first_error.record.remote(f"{type(e).__name__}: {e}"))
         raise
 
 
-def ray_storage(url: str):
-    """(storage_path, storage_filesystem) for Ray Train: local absolute path, or s3 through fsspec."""
-    if storage.is_local(url):
-        return storage.local_path(url), None
-    import pyarrow.fs
-
-    fs, path = storage.filesystem(url)
-    return path, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
+def newest_checkpoint_url(run: str) -> str | None:
+    names = checkpoint_names(storage.join(run, CHECKPOINTS))
+    return storage.join(run, CHECKPOINTS, names[-1]) if names else None
 
 
-def _dir_name(checkpoint) -> str:
-    return checkpoint.path.rstrip("/").rsplit("/", 1)[-1]
-
-
-def checkpoint_url(run: str, checkpoint) -> str | None:
-    return None if checkpoint is None else storage.join(run, CHECKPOINTS, _dir_name(checkpoint))
-
-
-def run_training(cfg: Config, on_step: Callable[[int, int], None] | None = None) -> TrainingResult:
+def run_training(cfg: Config, on_step: Callable[[int, int], None] | None = None,
+                 callbacks: list | None = None) -> TrainingResult:
     """Check, then train `cfg` on Ray (resuming `run.name` if it has checkpoints).
 
-    At the end the run keeps its newest checkpoint and the `train.keep_best` with the lowest `loss_avg` (the
-    mean training loss since the previous checkpoint), also among directories Ray never registered.
+    The run keeps its newest checkpoint and the `train.keep_best` with the lowest `loss_avg` (the mean
+    training loss since the previous checkpoint), pruned on storage after every checkpoint and at the end.
+    An error that would recur (a full disk, a bad config) ends the run with `TrainingError` at once.
 
     `on_step(step, rank)` (picklable) runs on every worker before every step: a hook for callers that
-    watch or perturb training, such as the fault-injection tests.
+    watch or perturb training, such as the fault-injection tests. The run's lease (`run.lease_seconds`)
+    is held from before Ray starts to the end: a second driver on the same run is refused. `callbacks`
+    (`ray.train.UserCallback`s) go to the trainer, e.g. Tune's report callback when a sweep runs the trainer.
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    storage.use_endpoint(cfg.storage.endpoint_url)
+    storage.use_retry_seconds(cfg.storage.retry_seconds)
+    manifest = preflight(cfg)
+    with RunLease.acquire(cfg.run_dir, cfg.run.lease_seconds) as lease:  # one writer: refused if held
+        result = _train(cfg, manifest, on_step, callbacks)
+    if lease.lost:
+        raise LeaseLostError(f"{lease.lost} while this run trained; check {cfg.run_dir} before using it")
+    return result
+
+
+def _train(cfg: Config, manifest, on_step, callbacks=None) -> TrainingResult:
+    from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    storage.use_endpoint(cfg.storage.endpoint_url)
     run = cfg.run_dir
-    manifest = preflight(cfg)
     ray_runtime.init_ray(cfg, run)
     ray_runtime.check_placement(cfg)
     storage.write_bytes_atomic(storage.join(run, "config.yaml"), cfg.to_yaml().encode())
-    storage_path, storage_fs = ray_storage(run)
-    attempt = uuid.uuid4().hex  # names this call's record of a recurring error
+    bookkeeping = os.path.join(ray_runtime.ray_temp_dir(cfg, run), "train")  # Ray's own, never on run storage
+    name = f"{cfg.run.name}-{uuid.uuid4().hex[:12]}"  # a fresh record per call: resuming is ours, from storage
+    first_error = FirstError.remote()
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"config": cfg.to_dict(), "manifest": manifest, "on_step": on_step,
-                           "attempt": attempt},
+                           "first_error": first_error},
         torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
                                      resources_per_worker=dict(cfg.ray.resources_per_worker)),
         run_config=RunConfig(
-            name=CHECKPOINTS, storage_path=storage_path, storage_filesystem=storage_fs,
-            failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_best,
-                                               checkpoint_score_attribute="loss_avg", checkpoint_score_order="min"),
+            name=name, storage_path=bookkeeping, failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
+            logging_config=LoggingConfig(log_level="WARNING"),  # Ray Train's INFO stays in its log files
+            callbacks=list(callbacks or []),
             worker_runtime_env={"env_vars": ray_runtime.worker_env(cfg)}),
     )
     try:
         result = trainer.fit()
     finally:
-        fs, marker = storage.filesystem(storage.join(run, f".failed-{attempt}"))
-        if fs.exists(marker):
-            fs.rm(marker)
+        ray.kill(first_error)
+        shutil.rmtree(os.path.join(bookkeeping, name), ignore_errors=True)
     if result.error is not None:
         raise result.error
     final = dict(result.return_value or {})
@@ -134,6 +167,11 @@ def run_training(cfg: Config, on_step: Callable[[int, int], None] | None = None)
         raise TrainingError(f"training stopped, not retried (it would fail again): {final['error']}")
     for url in prune_checkpoints(storage.join(run, CHECKPOINTS), cfg.train.keep_best):
         print(f"[train] removed {url} (train.keep_best={cfg.train.keep_best} ranks checkpoints by loss_avg)", flush=True)
-    return TrainingResult(run_dir=run, checkpoint=checkpoint_url(run, result.checkpoint),
-                          metrics=dict(result.metrics or {}), final=final,
-                          ray_result=result)
+    checkpoint = newest_checkpoint_url(run)
+    out = TrainingResult(run_dir=run, checkpoint=checkpoint,
+                         metrics=checkpoint_metrics(checkpoint) if checkpoint else {}, final=final,
+                         ray_result=result)
+    if any(out.skipped.values()):
+        print(f"[train] data.on_error=skip: the run skipped {out.skipped['skipped_shards']} shard read(s) and "
+              f"{out.skipped['skipped_samples']} sample(s); the messages are in {run}/metrics.jsonl", flush=True)
+    return out

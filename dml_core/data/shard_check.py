@@ -24,23 +24,46 @@ def check_level(level: str) -> None:
 def verify_shards(manifest: Manifest, level: str = "size") -> None:
     """Check every shard of `manifest` at `level`; raise ManifestError naming the first bad shard."""
     check_level(level)
+    bad = size_mismatches(manifest)
+    if bad:
+        raise ManifestError(bad[0])
+    if level == "size":
+        return
     fs, base = storage.filesystem(manifest.url)
-    fs.invalidate_cache()  # s3fs caches listings: see what is there now
     for info in manifest.splits.values():
         for shard in info.shards:
             _verify_shard(fs, f"{base}/{shard.name}", storage.join(manifest.url, shard.name), shard, level)
 
 
+def size_mismatches(manifest: Manifest) -> list[str]:
+    """One message per shard that is missing or not of its manifest size, from one listing of the dataset
+    folder (no per-shard request: a truncated or appended-to tar changes its size)."""
+    fs, base = storage.filesystem(manifest.url)
+    fs.invalidate_cache()  # s3fs caches listings: see what is there now
+    try:
+        listing = fs.ls(base, detail=True)
+    except FileNotFoundError:
+        listing = []
+    sizes = {entry["name"].rstrip("/").rsplit("/", 1)[-1]: entry["size"] for entry in listing}
+    bad = []
+    for info in manifest.splits.values():
+        for shard in info.shards:
+            url, size = storage.join(manifest.url, shard.name), sizes.get(shard.name)
+            if size is None:
+                bad.append(f"shard {url} is missing")
+            elif size != shard.bytes:
+                bad.append(f"shard {url} has {size} bytes, manifest says {shard.bytes} "
+                           f"({'truncated' if size < shard.bytes else 'appended to'}?)")
+    return bad
+
+
 def _verify_shard(fs, path: str, url: str, shard: ShardInfo, level: str) -> None:
     try:
-        data = None if level == "size" else fs.cat_file(path)
-        size = fs.info(path)["size"] if data is None else len(data)
+        data = fs.cat_file(path)
     except FileNotFoundError:
         raise ManifestError(f"shard {url} is missing") from None
-    if size != shard.bytes:
-        raise ManifestError(f"shard {url} has {size} bytes, manifest says {shard.bytes} (truncated?)")
-    if data is None:
-        return
+    if len(data) != shard.bytes:  # replaced since the listing
+        raise ManifestError(f"shard {url} has {len(data)} bytes, manifest says {shard.bytes}")
     if hashlib.sha256(data).hexdigest() != shard.sha256:
         raise ManifestError(f"shard {url} sha256 does not match the manifest (corrupt)")
     if level == "full" and (n := count_tar_samples(data, url)) != shard.count:

@@ -38,14 +38,26 @@ def check_on_error(on_error: str) -> None:
         raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
 
 
+def shard_counts(urls: list[str], counts: Iterable[int] | None) -> dict[str, int] | None:
+    """{URL: manifest sample count} for the readers' per-shard check (None: counts unknown, no check)."""
+    if counts is None:
+        return None
+    counts = list(counts)
+    if len(counts) != len(urls):
+        raise ValueError(f"{len(counts)} shard counts for {len(urls)} shards")
+    return dict(zip(urls, counts))
+
+
 def check_rank(rank: int, world_size: int) -> None:
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} not in [0, world_size={world_size})")
 
 
-def iter_shard(url: str, endpoint_url: str | None = None) -> Iterator[dict]:
+def iter_shard(url: str, endpoint_url: str | None = None, expected: int | None = None) -> Iterator[dict]:
     """Raw samples of one shard (dicts of extension -> bytes with `__key__`, `__url__`); errors name it.
 
+    With `expected` (the manifest's count) a shard that ends with fewer samples, or holds more, raises:
+    a tar cut at a member boundary parses cleanly. Samples past `expected` are counted, never yielded.
     The stream is closed when the shard ends or the generator is closed, so no open S3 file outlives it
     (and none is inherited by forked DataLoader workers)."""
     import webdataset as wds
@@ -55,7 +67,16 @@ def iter_shard(url: str, endpoint_url: str | None = None) -> Iterator[dict]:
     try:
         stream = storage.open_read(url, endpoint_url)  # never a shell `pipe:` URL: fsspec has no such scheme
         files = tar_file_expander([{"url": url, "stream": stream}], handler=wds.reraise_exception)
-        yield from group_by_keys(files, handler=wds.reraise_exception)
+        n = 0
+        for sample in group_by_keys(files, handler=wds.reraise_exception):
+            n += 1
+            if expected is None or n <= expected:
+                yield sample
+        if expected is not None and n != expected:
+            raise ShardReadError(f"failed reading shard {url}: it holds {n} samples, the manifest says "
+                                 f"{expected} ({'truncated' if n < expected else 'appended to'}?)", url)
+    except (ShardReadError, storage.StorageUnavailableError):
+        raise  # ours; or storage away past storage.retry_seconds: not a bad shard, never skipped as one
     except Exception as exn:  # any open/read/parse error: re-raise naming the shard
         raise ShardReadError.wrap(url, exn) from exn
     finally:
@@ -81,14 +102,16 @@ class ErrorLog:
 
 
 def iter_samples(urls: Iterable[str], on_error: str = "raise", errors: ErrorLog | None = None,
-                 max_consecutive_failures: int = 50, endpoint_url: str | None = None) -> Iterator[dict]:
-    """Raw samples of the shards in order. With `on_error="skip"` a bad shard is logged, counted in
-    `errors.shards` and the stream moves on; samples read from it before the error are kept."""
+                 max_consecutive_failures: int = 50, endpoint_url: str | None = None,
+                 counts: dict[str, int] | None = None) -> Iterator[dict]:
+    """Raw samples of the shards in order, each checked against its manifest count in `counts` (by URL).
+    With `on_error="skip"` a bad shard is logged, counted in `errors.shards` and the stream moves on;
+    samples read from it before the error are kept."""
     check_on_error(on_error)
     failures = 0
     for url in urls:
         try:
-            for sample in iter_shard(url, endpoint_url):
+            for sample in iter_shard(url, endpoint_url, counts.get(url) if counts else None):
                 failures = 0
                 yield sample
         except ShardReadError as exn:

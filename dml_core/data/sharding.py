@@ -45,10 +45,9 @@ def shard_dataset(source: Source, root: str, name: str, *, seed: int = 0, eval_c
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     check_level(verify)
-    params = {"seed": seed, "eval_class_fraction": eval_class_fraction, "gallery_fraction": gallery_fraction,
-              "max_shard_bytes": max_shard_bytes, "max_shard_samples": max_shard_samples}
+    params = sharding_params(seed, eval_class_fraction, gallery_fraction, max_shard_bytes, max_shard_samples)
     source_fp = source.fingerprint()
-    fingerprint = sha256_json({"source": source_fp, **params})
+    fingerprint = dataset_fingerprint(source_fp, params)
     version = fingerprint[:12]
     out = dataset_url(root, name, version)
     existing = _existing(root, name, version, fingerprint, verify)
@@ -74,6 +73,18 @@ def shard_dataset(source: Source, root: str, name: str, *, seed: int = 0, eval_c
     log.info("dataset %s version %s written to %s: %s samples, %d skipped", name, version, out,
              {s: splits[s].count for s in SPLITS}, len(skipped))
     return manifest
+
+
+def sharding_params(seed: int = 0, eval_class_fraction: float = 0.5, gallery_fraction: float = 0.5,
+                    max_shard_bytes: int = 64 << 20, max_shard_samples: int = 10_000) -> dict:
+    """The sharding parameters that, with the source's fingerprint, make the dataset fingerprint."""
+    return {"seed": seed, "eval_class_fraction": eval_class_fraction, "gallery_fraction": gallery_fraction,
+            "max_shard_bytes": max_shard_bytes, "max_shard_samples": max_shard_samples}
+
+
+def dataset_fingerprint(source_fingerprint: str, params: dict) -> str:
+    """sha256 of a source and the sharding parameters; its first 12 hex digits are the dataset version."""
+    return sha256_json({"source": source_fingerprint, **params})
 
 
 def _existing(root: str, name: str, version: str, fingerprint: str, verify: str) -> Manifest | None:
@@ -174,8 +185,17 @@ def _write_split(source: Source, out: str, split: str, plan: dict, skipped: list
             if log_every and done % log_every == 0:
                 log.info("%s: %d / %d samples", split, done, len(ids))
         shards = writer.close()
-    except BaseException:
-        writer.abort()
+    except BaseException as e:
+        _abort_keeping_cause(writer, e)
         raise
     return SplitInfo(count=sum(classes.values()), classes=dict(sorted(classes.items())), shards=shards,
                      id_range=(lo, hi) if lo is not None else (0, 0))
+
+
+def _abort_keeping_cause(writer: ShardWriter, cause: BaseException) -> None:
+    """Drop the unfinished shard; if that fails too (storage gone), say so in a note on `cause`, which
+    stays the error raised: the cleanup's failure would otherwise be the last error shown."""
+    try:
+        writer.abort()
+    except Exception as cleanup:
+        cause.add_note(f"(removing the unfinished shard failed as well: {type(cleanup).__name__}: {cleanup})")

@@ -18,7 +18,7 @@ from dml_core.data.decode import SampleDecodeError, check_extensions, decode_lab
 from dml_core.data.manifest import Manifest
 from dml_core.data.pk_batches import PKBatcher
 from dml_core.data.shard_stream import (Batch, ErrorLog, check_on_error, check_rank, collate, decoder,
-                                        iter_samples, merge_errors, shuffled, worker_init)
+                                        iter_samples, merge_errors, shard_counts, shuffled, worker_init)
 
 MODES = ("supervised", "self_supervised")
 
@@ -52,10 +52,12 @@ class TrainStream(IterableDataset):
                  mode: str = "supervised", p: int | None = None, k: int | None = None,
                  batch_size: int | None = None, shuffle_buffer: int = 1000, pk_buffer: int | None = None,
                  image_size: int | None = None, channels: int | None = None, seed: int = 0,
-                 on_error: str = "raise", endpoint_url: str | None = None, num_classes: int | None = None):
+                 on_error: str = "raise", endpoint_url: str | None = None, num_classes: int | None = None,
+                 counts: Iterable[int] | None = None):
         self.urls, self.endpoint_url = list(urls), endpoint_url
         if not self.urls:
             raise ValueError("no training shards")
+        self.counts = shard_counts(self.urls, counts)  # each shard read is checked against its count
         check_rank(rank, world_size)
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
@@ -93,7 +95,7 @@ class TrainStream(IterableDataset):
         rng = part_rng(self.seed, self.epoch, self.rank, worker)
         errors = ErrorLog()
         samples = iter_samples(resampled(self.part_urls(worker, num_workers), rng), self.on_error, errors,
-                               endpoint_url=self.endpoint_url)
+                               endpoint_url=self.endpoint_url, counts=self.counts)
         samples = shuffled(samples, self.shuffle_buffer, rng)
         decode = decoder(self.image_size, self.channels, self.on_error, errors)
         made = 0
@@ -150,10 +152,13 @@ class TrainReader:
 
     @classmethod
     def from_manifest(cls, manifest: Manifest, split: str = "train", **kw) -> "TrainReader":
-        """A reader of `split`'s shards; in supervised mode a `p` the split can never fill fails here."""
+        """A reader of `split`'s shards, each checked against its manifest count as it is read; in
+        supervised mode a `p` the split can never fill fails here."""
         info = manifest.split(split)
+        shards = manifest.shards(split)
         try:
-            return cls(manifest.shard_urls(split), num_classes=info.classes_with_at_least(2), **kw)
+            return cls([u for u, _ in shards], counts=[c for _, c in shards],
+                       num_classes=info.classes_with_at_least(2), **kw)
         except ValueError as e:
             raise ValueError(f"{e} (split {split!r} of {manifest.url})") from e
 

@@ -1,4 +1,4 @@
-"""Contrastive losses (METHODS.md sections 1-3): composable with `+` and `*`, exact under DDP through
+"""Contrastive losses (METHODS.md sections 1-3.1): composable with `+` and `*`, exact under DDP through
 `DistributedLoss`; a loss called on its own never communicates."""
 from dml_core.losses.base import CombinedLoss, EmbeddingLoss
 from dml_core.losses.batch import EmbeddingBatch
@@ -7,6 +7,7 @@ from dml_core.losses.clip import ClipLoss, clip_loss
 from dml_core.losses.decomposable import DecomposableLoss, decomposable_loss
 from dml_core.losses.distributed import DistributedLoss
 from dml_core.losses.info_nce import InfoNCE, info_nce_loss
+from dml_core.losses.pc import OldEmbeddingTable, OldModelEmbeddings, PositiveCongruent
 from dml_core.losses.tcm import TCM, tcm_loss
 from dml_core.losses.tiled import tiled_info_nce_rows, tiled_info_nce_sum
 
@@ -15,4 +16,5 @@ __all__ = [
     "InfoNCE", "info_nce_loss", "tiled_info_nce_rows", "tiled_info_nce_sum", "ClipLoss", "clip_loss",
     "DecomposableLoss", "decomposable_loss", "TCM", "tcm_loss",
     "BCT", "class_prototypes", "prototype_sums", "prototypes_from_sums",
+    "PositiveCongruent", "OldEmbeddingTable", "OldModelEmbeddings",
 ]

@@ -57,11 +57,11 @@ def class_prototypes(old_embeddings: torch.Tensor, labels: torch.Tensor, num_cla
     return prototypes_from_sums(sums, counts, allow_empty).to(old_embeddings.dtype)
 
 
-def _check_label_range(labels: torch.Tensor, num_classes: int) -> None:
+def _check_label_range(labels: torch.Tensor, num_classes: int, term: str = "BCT") -> None:
     bad = (labels < 0) | (labels >= num_classes)
     if bool(bad.any()):
         raise ValueError(f"labels out of range [0, {num_classes}): {labels[bad][:5].tolist()} (first 5 shown); "
-                         f"BCT needs one old prototype per class")
+                         f"{term} needs one old prototype per class")
 
 
 def check_params(lambda_bct: float, tau_bct: float) -> None:

@@ -6,8 +6,9 @@ Pairs are ordered pairs (i, j), i != j (the mean over ordered pairs equals the m
 since s_ij = s_ji); `hard_pos` / `hard_neg` therefore count ordered pairs.
 
 Above `tiled_above` keys (METHODS 1.3) the b x B similarity is never built: one pass over row tiles counts
-the hard pairs (and sums their hinges), and once the global counts are known a second pass makes the
-gradient of the weighted hinge sums during forward (`dml_core.losses.tiled.tiled_hinge_sum`).
+the hard pairs and sums their hinges, making each sum's gradient as it goes
+(`dml_core.losses.tiled_pairs.tiled_hinge_sums`); the means' weights, known once the global counts are,
+apply in backward.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import torch
 from dml_core.distributed import ddp_scale
 from dml_core.losses.base import EmbeddingLoss
 from dml_core.losses.batch import EmbeddingBatch
-from dml_core.losses.tiled_pairs import tiled_hinge_stats, tiled_hinge_sum
+from dml_core.losses.tiled_pairs import tiled_hinge_sums
 
 
 def check_params(m_pos: float, m_neg: float, lambda_pos: float, lambda_neg: float) -> None:
@@ -30,17 +31,15 @@ def check_params(m_pos: float, m_neg: float, lambda_pos: float, lambda_neg: floa
 
 
 def _hard_pair_sums(batch: EmbeddingBatch, m_pos: float, m_neg: float):
-    """Sums of the hinge terms of this rank's anchors against the batch (with graph), and the hard-pair
-    counts (integer tensors): (sum_pos, sum_neg, count_pos, count_neg)."""
-    if batch.k.shape[0] < 2:
-        raise ValueError(f"TCM needs at least 2 embeddings to form a pair, got {batch.k.shape[0]}")
+    """The b x B path: sums of the hinge terms of this rank's anchors against the batch (with graph), and
+    the hard-pair counts (float64): (sum_pos, sum_neg, (count_pos, count_neg))."""
     s = batch.q @ batch.k.T
     hard_pos = batch.positive & (s <= m_pos)
     hard_neg = ~batch.same & (s >= m_neg)  # a different label is never the anchor itself
     zero = s.new_zeros(())
     sum_pos = torch.where(hard_pos, m_pos - s, zero).sum()
     sum_neg = torch.where(hard_neg, s - m_neg, zero).sum()
-    return sum_pos, sum_neg, hard_pos.sum(), hard_neg.sum()
+    return sum_pos, sum_neg, torch.stack([hard_pos.sum(), hard_neg.sum()]).double()
 
 
 def _check_tiles(tile_size: int) -> None:
@@ -49,30 +48,23 @@ def _check_tiles(tile_size: int) -> None:
 
 
 class _Terms:
-    """The two hinge sums of this rank's anchors: `totals` (count_pos, count_neg, sum_pos, sum_neg), float64
-    and detached, and `weighted(w_pos, w_neg)`, the loss `w_pos * sum_pos + w_neg * sum_neg` with graph.
-    Dense (b x B) at or below `tiled_above` keys, row tiles above."""
+    """The two hinge sums of this rank's anchors, `sum_pos` and `sum_neg` (with graph), and `totals`
+    (count_pos, count_neg, sum_pos, sum_neg), float64 and detached. Dense (b x B) at or below `tiled_above`
+    keys, row tiles above."""
 
     def __init__(self, batch: EmbeddingBatch, m_pos: float, m_neg: float, tile_size: int, tiled_above: int):
         if batch.k.shape[0] < 2:
             raise ValueError(f"TCM needs at least 2 embeddings to form a pair, got {batch.k.shape[0]}")
-        self.batch, self.m_pos, self.m_neg, self.tile_size = batch, m_pos, m_neg, tile_size
         self.tiled = batch.k.shape[0] > tiled_above
         if self.tiled:
-            self.sums = tiled_hinge_stats(batch.q, batch.k, batch.labels_q, batch.labels_k, batch.offset, m_pos,
-                                          m_neg, tile_size)
-            self.totals = self.sums[[2, 3, 0, 1]]
+            self.sum_pos, self.sum_neg, counts = tiled_hinge_sums(
+                batch.q, batch.k, batch.labels_q, batch.labels_k, batch.offset, m_pos, m_neg, tile_size)
         else:
-            self.sum_pos, self.sum_neg, n_pos, n_neg = _hard_pair_sums(batch, m_pos, m_neg)
-            self.totals = torch.stack([n_pos.double(), n_neg.double(), self.sum_pos.detach().double(),
-                                       self.sum_neg.detach().double()])
+            self.sum_pos, self.sum_neg, counts = _hard_pair_sums(batch, m_pos, m_neg)
+        self.totals = torch.cat([counts, torch.stack([self.sum_pos, self.sum_neg]).detach().double()])
 
     def weighted(self, w_pos: float, w_neg: float) -> torch.Tensor:
-        if not self.tiled:
-            return w_pos * self.sum_pos + w_neg * self.sum_neg
-        b = self.batch
-        return tiled_hinge_sum(b.q, b.k, b.labels_q, b.labels_k, b.offset, self.m_pos, self.m_neg, w_pos, w_neg,
-                               self.tile_size, stats=self.sums)
+        return w_pos * self.sum_pos + w_neg * self.sum_neg
 
 
 def tcm_loss(z, labels, m_pos: float = 0.9, m_neg: float = 0.5, lambda_pos: float = 1.0,

@@ -1,7 +1,7 @@
 """Tiled pair terms for the decomposable loss and TCM (METHODS.md 1.3, 1.5, 2): the same `c x B` row tiles
 as tiled InfoNCE, with same-label pairs found by index rather than a b x B mask. Exact values and gradients
 in O(c * B + B * D) memory: `tiled_log_neg_mean` / `tiled_neg_mean_sum` (the negatives' mean Zhat_i) and
-`tiled_hinge_stats` / `tiled_hinge_sum` (TCM's hard pairs)."""
+`tiled_hinge_sums` (TCM's hard pairs)."""
 from __future__ import annotations
 
 import math
@@ -34,10 +34,6 @@ class _SamePairs:
         ramp = torch.arange(total, device=dev) - torch.repeat_interleave(torch.cumsum(n, 0) - n, n, output_size=total)
         first = torch.repeat_interleave(self.starts[self.inv_q[start:stop]], n, output_size=total)
         return rows, self.perm[first + ramp]
-
-
-def _take(tile: torch.Tensor, where) -> torch.Tensor:
-    return tile[where] if isinstance(where, torch.Tensor) else tile[where[0], where[1]]
 
 
 def _put(tile: torch.Tensor, where, value: float) -> None:
@@ -146,93 +142,86 @@ def tiled_neg_mean_sum(q, k, labels_q, labels_k, log_w, offset: int = 0, tau: fl
     return (total, log_zhat) if with_log_zhat else total
 
 
-def _hinge_tile(tiles: _Tiles, start: int, stop: int, same: _SamePairs, m_pos: float, m_neg: float):
-    """Hinge sums and hard-pair counts of anchors start:stop, as four float64 numbers (sum_pos, sum_neg,
-    count_pos, count_neg). The c x B float buffer is used in place; the same-label pairs are gathered."""
-    s = tiles.logits(start, stop)  # cosine, the anchors' own entries -inf
-    where = same(start, stop)
-    s_same = _take(s, where)
-    s_pos = s_same[(s_same <= m_pos) & (s_same > -math.inf)]  # a positive: same label, not the anchor itself
-    _put(s, where, -math.inf)
-    count_neg = torch.count_nonzero(s >= m_neg)  # not bool.sum(): that makes an int64 copy of the tile
-    sum_neg = s.sub_(m_neg).clamp_(min=0).sum()  # s - m_neg on the hard negatives (0 at equality)
-    return torch.stack([(m_pos - s_pos).sum().double(), sum_neg.double(),
-                        torch.tensor(float(s_pos.shape[0]), dtype=torch.float64, device=s.device),
-                        count_neg.double()])
-
-
-def _hinge_weights(tiles: _Tiles, start: int, stop: int, same: _SamePairs, m_pos: float, m_neg: float,
-                   w_pos: float, w_neg: float) -> torch.Tensor:
-    """The c x B tile of d value / d s: -w_pos on hard positives, w_neg on hard negatives (s >= m_neg)."""
-    s = tiles.logits(start, stop)
-    where = same(start, stop)
-    rows, cols = where.nonzero(as_tuple=True) if isinstance(where, torch.Tensor) else where
-    s_same = s[rows, cols]
-    hard = (s_same <= m_pos) & (s_same > -math.inf)
-    s[rows, cols] = -math.inf
-    s.ge_(m_neg).mul_(w_neg)
-    s[rows[hard], cols[hard]] = -w_pos
-    return s
-
-
-@torch.no_grad()
-def tiled_hinge_stats(q, k, labels_q, labels_k, offset: int, m_pos: float, m_neg: float, tile_size: int = 1024):
-    """TCM's hinge sums and hard-pair counts of the anchors against the keys, tile by tile (no gradient):
-    a float64 tensor (sum_pos, sum_neg, count_pos, count_neg)."""
-    _check_args(q, k, labels_q, labels_k, offset, tile_size)
-    dtype = compute_dtype(q.dtype)
-    with torch.autocast(device_type=q.device.type, enabled=False):
-        tiles = _Tiles(q.detach().to(dtype), k.detach().to(dtype), offset, tile_size)
-        same = _SamePairs(labels_q, labels_k)
-        out = torch.zeros(4, dtype=torch.float64, device=q.device)
-        for start, stop in tiles:
-            out += _hinge_tile(tiles, start, stop, same, m_pos, m_neg)
-        return out
-
-
-class TiledHingeSum(torch.autograd.Function):
-    """`w_pos * sum_{hard pos} (m_pos - s_ij) + w_neg * sum_{hard neg} (s_ij - m_neg)` over the anchors'
-    pairs. The value comes from the first pass (`tiled_hinge_stats`, passed in as `value`); this pass makes
-    the gradients from one weight tile per row tile (6 B^2 D FLOPs with the first pass's 2)."""
+class TiledHingeSums(torch.autograd.Function):
+    """TCM's two hinge sums over the anchors' pairs, `sum_pos = sum_{hard pos} (m_pos - s_ij)` and
+    `sum_neg = sum_{hard neg} (s_ij - m_neg)`, and the hard-pair counts, in ONE pass over row tiles whose
+    gradients are made during forward (6 B^2 D FLOPs): each sum keeps its own gradient, so the weights that
+    the global counts decide later (the means) apply in backward. Hard negatives go through a 0/1 weight
+    tile and torch.mm; hard positives through their index lists (or a second weight tile where a tile's
+    same-label pairs are many, see `_SamePairs`)."""
 
     @staticmethod
-    def forward(ctx, q, k, labels_q, labels_k, offset: int, m_pos: float, m_neg: float, w_pos: float,
-                w_neg: float, tile_size: int, value: float):
+    def forward(ctx, q, k, labels_q, labels_k, offset: int, m_pos: float, m_neg: float, tile_size: int):
         dtype = compute_dtype(q.dtype)
         want_q, want_k = ctx.needs_input_grad[:2]
-        grad_q = grad_k = None
         with torch.autocast(device_type=q.device.type, enabled=False):
-            if want_q or want_k:
-                qc, kc = q.detach().to(dtype), k.detach().to(dtype)
-                tiles, same = _Tiles(qc, kc, offset, tile_size), _SamePairs(labels_q, labels_k)
-                grad_q = torch.zeros_like(qc) if want_q else None
-                grad_k = torch.zeros_like(kc) if want_k else None
-                for start, stop in tiles:
-                    weight = _hinge_weights(tiles, start, stop, same, m_pos, m_neg, w_pos, w_neg)
-                    if want_q:
-                        torch.mm(weight, kc, out=grad_q[start:stop])
-                    if want_k:
-                        grad_k.addmm_(weight.t(), qc[start:stop])
-                del tiles
-        ctx.save_for_backward(grad_q, grad_k)
+            qc, kc = q.detach().to(dtype), k.detach().to(dtype)
+            tiles, same = _Tiles(qc, kc, offset, tile_size), _SamePairs(labels_q, labels_k)
+            sums = torch.zeros(4, dtype=torch.float64, device=q.device)  # sum_pos, sum_neg, count_pos, count_neg
+            grads = [torch.zeros_like(x) if want else None for x, want in ((qc, want_q), (qc, want_q),
+                                                                            (kc, want_k), (kc, want_k))]
+            for start, stop in tiles:
+                s = tiles.logits(start, stop)  # cosine, the anchors' own entries -inf
+                where = same(start, stop)
+                _hard_positives(s, where, qc[start:stop], kc, m_pos, sums, grads[0], grads[2], start, stop)
+                _put(s, where, -math.inf)
+                hard = s >= m_neg
+                count = torch.count_nonzero(hard)  # not bool.sum(): that makes an int64 copy of the tile
+                weight = s.copy_(hard)
+                # The hard negatives' key sums per anchor are its gradient row, and q_i . (their sum) is the
+                # sum of its hard s_ij: the hinge sum needs no elementwise pass over the tile (memory-bound).
+                key_sums = torch.mm(weight, kc)
+                sums[1] += (qc[start:stop].double() * key_sums.double()).sum() - m_neg * count.double()
+                sums[3] += count
+                if grads[1] is not None:
+                    grads[1][start:stop] += key_sums
+                if grads[3] is not None:
+                    grads[3].addmm_(weight.t(), qc[start:stop])
+            del tiles
+        ctx.save_for_backward(*[g if g is not None else qc.new_empty(0) for g in grads])
         ctx.dtypes = q.dtype, k.dtype
-        return torch.tensor(value, dtype=dtype, device=q.device)
+        ctx.mark_non_differentiable(sums)
+        return sums[0].to(dtype), sums[1].to(dtype), sums[2:]
 
     @staticmethod
-    def backward(ctx, grad_out):
-        grad_q, grad_k = ctx.saved_tensors
-        out_q = (grad_q * grad_out).to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
-        out_k = (grad_k * grad_out).to(ctx.dtypes[1]) if ctx.needs_input_grad[1] else None
-        return out_q, out_k, None, None, None, None, None, None, None, None, None
+    def backward(ctx, grad_pos, grad_neg, _grad_counts):
+        gq_pos, gq_neg, gk_pos, gk_neg = ctx.saved_tensors
+        out_q = (gq_pos * grad_pos + gq_neg * grad_neg).to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
+        out_k = (gk_pos * grad_pos + gk_neg * grad_neg).to(ctx.dtypes[1]) if ctx.needs_input_grad[1] else None
+        return out_q, out_k, None, None, None, None, None, None
 
 
-def tiled_hinge_sum(q, k, labels_q, labels_k, offset: int, m_pos: float, m_neg: float, w_pos: float,
-                    w_neg: float, tile_size: int = 1024, stats: torch.Tensor | None = None):
-    """TCM's weighted hinge sums `w_pos * sum_pos + w_neg * sum_neg` through `TiledHingeSum`; `stats` is
-    `tiled_hinge_stats(...)` of the same inputs if already computed. Largest temporaries: `tile_size x B`."""
+def _add_tile_grads(weight, q_tile, kc, grad_q, grad_k, start: int, stop: int) -> None:
+    """d/dq and d/dk of sum_ij weight_ij * q_i . k_j over a row tile."""
+    if grad_q is not None:
+        grad_q[start:stop] += torch.mm(weight, kc)
+    if grad_k is not None:
+        grad_k.addmm_(weight.t(), q_tile)
+
+
+def _hard_positives(s, where, q_tile, kc, m_pos: float, sums, grad_q, grad_k, start: int, stop: int) -> None:
+    """Adds the hard positives' hinge sum and count (s_ij <= m_pos, same label, not the anchor itself) of a
+    tile to `sums`, and the gradients of their sum of -s_ij."""
+    if isinstance(where, torch.Tensor):
+        hard = where & (s <= m_pos) & (s > -math.inf)
+        sums[2] += torch.count_nonzero(hard)
+        sums[0] += torch.where(hard, m_pos - s, 0.0).sum()
+        _add_tile_grads(-hard.to(s.dtype), q_tile, kc, grad_q, grad_k, start, stop)
+        return
+    s_same = s[where[0], where[1]]
+    hard = (s_same <= m_pos) & (s_same > -math.inf)
+    rows, cols = where[0][hard], where[1][hard]
+    sums[2] += rows.shape[0]
+    sums[0] += (m_pos - s_same[hard]).sum()
+    if grad_q is not None:
+        grad_q[start:stop].index_add_(0, rows, kc[cols], alpha=-1)
+    if grad_k is not None:
+        grad_k.index_add_(0, cols, q_tile[rows], alpha=-1)
+
+
+def tiled_hinge_sums(q, k, labels_q, labels_k, offset: int, m_pos: float, m_neg: float, tile_size: int = 1024):
+    """TCM's hinge sums of the anchors against the keys, tile by tile (see `TiledHingeSums`):
+    `(sum_pos, sum_neg, counts)`, the sums with gradients, counts a float64 (count_pos, count_neg).
+    Largest temporaries: `tile_size x B`."""
     _check_args(q, k, labels_q, labels_k, offset, tile_size)
-    if stats is None:
-        stats = tiled_hinge_stats(q, k, labels_q, labels_k, offset, m_pos, m_neg, tile_size)
-    value = float(w_pos * stats[0] + w_neg * stats[1])
-    return TiledHingeSum.apply(q, k, labels_q, labels_k, int(offset), float(m_pos), float(m_neg),
-                               float(w_pos), float(w_neg), int(tile_size), value)
+    return TiledHingeSums.apply(q, k, labels_q, labels_k, int(offset), float(m_pos), float(m_neg), int(tile_size))

@@ -85,14 +85,25 @@ class CompatibilityResult:
     def ref_model(self) -> str:
         return next(iter(self.scores.values())).ref_model
 
+    def summary(self) -> dict:
+        """Each metric's criterion with M(new,old) and M(old,old), next to NFR and NFI of (new,old) and
+        (new,new): the effect of a compatibility term (BCT, PC) in one place."""
+        out: dict = {}
+        for metric, s in self.scores.items():
+            out[metric] = {"criterion": s.criterion, "new_old": s.new_old, "old_old": s.old_old}
+        for setting, f in self.flips.items():
+            out[f"nfr_{setting}"], out[f"nfi_{setting}"] = f.nfr, f.nfi
+        return out
+
     def to_dict(self) -> dict:
         return {"mode": self.mode, "num_queries": self.num_queries, "ref_model": self.ref_model,
+                "summary": self.summary(),
                 "scores": {k: asdict(v) for k, v in self.scores.items()},
                 "flips": {k: asdict(v) for k, v in self.flips.items()}}
 
     @classmethod
     def from_dict(cls, d: dict) -> "CompatibilityResult":
-        return cls(mode=d["mode"], num_queries=int(d["num_queries"]),
+        return cls(mode=d["mode"], num_queries=int(d["num_queries"]),  # "summary" is derived: recomputed
                    scores={k: CrossModelScores(**v) for k, v in d["scores"].items()},
                    flips={k: NegativeFlips(**v) for k, v in d["flips"].items()})
 

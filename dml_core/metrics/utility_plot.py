@@ -8,8 +8,6 @@ from __future__ import annotations
 import io
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
 from dml_core.metrics.opis_result import OpisResult
 
@@ -26,6 +24,9 @@ def utility_plot_png(result: OpisResult, title: str | None = None, max_classes: 
     shown = np.arange(cu.shape[0])
     if len(shown) > max_classes:
         shown = np.sort(np.random.default_rng(seed).choice(shown, max_classes, replace=False))
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # here: importing matplotlib costs 0.2 s
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(7, 4.5))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()

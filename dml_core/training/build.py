@@ -17,9 +17,10 @@ def build_model_from_config(cfg: Config):
                        image_size=m.image_size, **m.backbone_options)
 
 
-def build_loss(cfg: Config, num_samples: int | None = None, old_weights: torch.Tensor | None = None) -> EmbeddingLoss:
-    """Base loss (+ TCM) (+ BCT). `num_samples` sizes the decomposable state; `old_weights` are the BCT
-    prototypes (required when `loss.bct` is set)."""
+def build_loss(cfg: Config, num_samples: int | None = None, old_weights: torch.Tensor | None = None,
+               old_embeddings=None) -> EmbeddingLoss:
+    """Base loss (+ TCM) (+ BCT) (+ PC). `num_samples` sizes the decomposable state; `old_weights` are the BCT
+    prototypes (required when `loss.bct` is set); `old_embeddings` PC's source of old embeddings by id."""
     lc = cfg.loss
     if lc.base == "info_nce":
         from dml_core.losses.info_nce import InfoNCE
@@ -46,6 +47,14 @@ def build_loss(cfg: Config, num_samples: int | None = None, old_weights: torch.T
         if old_weights is None:
             raise ValueError("loss.bct is set but no old-model prototypes were given")
         loss = loss + BCT(old_weights, lambda_bct=lc.bct.lambda_bct, tau_bct=lc.bct.tau_bct)
+    if lc.pc is not None:
+        from dml_core.losses.pc import PositiveCongruent
+
+        if old_weights is None or old_embeddings is None:
+            raise ValueError("loss.pc is set but no old-model prototypes and old embeddings were given")
+        p = lc.pc
+        loss = loss + PositiveCongruent(old_weights, old_embeddings, lambda_pc=p.lambda_pc, alpha=p.alpha,
+                                        beta=p.beta, tau_pc=p.tau_pc)
     return loss
 
 

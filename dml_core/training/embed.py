@@ -15,6 +15,7 @@ from dml_core.training.state import MODEL_FILE
 from dml_core.training.step import autocast
 
 if TYPE_CHECKING:
+    from dml_core.config import Config
     from dml_core.data.manifest import Manifest
     from dml_core.models.head import EmbeddingModel
 
@@ -57,9 +58,11 @@ def _existing(url: str) -> str:
 
 
 @torch.no_grad()
-def embed_batches(model: torch.nn.Module, batches: Iterable, device: torch.device | str = "cpu") -> Embeddings:
+def embed_batches(model: torch.nn.Module, batches: Iterable, device: torch.device | str = "cpu",
+                  allow_empty: bool = False) -> Embeddings:
     """Embed every item of `batches` (objects with `.images`, `.labels`, `.ids`: the readers' `Batch`) in
-    eval mode; the model's training flag is restored afterwards."""
+    eval mode; the model's training flag is restored afterwards. No batch at all is an error unless
+    `allow_empty` (then the embeddings have 0 rows and 0 columns)."""
     device = torch.device(device)
     was_training = model.training
     model.eval()
@@ -73,6 +76,9 @@ def embed_batches(model: torch.nn.Module, batches: Iterable, device: torch.devic
             ids.append(b.ids.cpu())
     finally:
         model.train(was_training)
+    if not zs and allow_empty:
+        empty = torch.empty(0, dtype=torch.int64)
+        return Embeddings(torch.empty(0, 0), empty, empty.clone())
     if not zs:
         raise ValueError("no batches to embed (empty split?)")
     return Embeddings(torch.cat(zs), torch.cat(labels), torch.cat(ids))
@@ -95,3 +101,11 @@ def embed_split(checkpoint: "str | EmbeddingModel", manifest: "Manifest", split:
                                       num_workers=num_workers, endpoint_url=endpoint_url, on_error=on_error,
                                       image_size=spec.get("image_size"), channels=spec.get("in_channels"))
     return embed_batches(model.to(device), reader, device)
+
+
+def embed_with_config(cfg: "Config", checkpoint: str, manifest: "Manifest", split: str = "eval") -> Embeddings:
+    """`embed_split` in one process with the config's reading options (batch size, loader workers, endpoint,
+    `data.on_error`): how the evaluation, the gate and a sweep's trials embed a split."""
+    return embed_split(checkpoint, manifest, split, batch_size=cfg.data.eval_batch_size,
+                       num_workers=cfg.data.loader_workers, endpoint_url=cfg.storage.endpoint_url,
+                       on_error=cfg.data.on_error)

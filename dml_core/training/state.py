@@ -1,5 +1,6 @@
-"""Training state on disk: `model.pt` ({spec, state_dict}, loadable with `models.checkpoint.load_model`)
-and `state.pt` (optimizer, LR schedule, loss buffers such as the decomposable `zbar`, step, config).
+"""Training state on storage: `model.pt` ({spec, state_dict}, loadable with `models.checkpoint.load_model`),
+`state.pt` (optimizer, LR schedule, loss buffers such as the decomposable `zbar`, step, config) and
+`metrics.json` (the checkpoint's metrics, read by pruning). Each file is written atomically, the metrics last.
 
 Only tensors and plain Python values are saved, so loading uses `torch.load(weights_only=True)`.
 """
@@ -7,9 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
 import math
-import os
 import re
 from typing import Any
 
@@ -21,6 +22,7 @@ from dml_core import storage
 CHECKPOINTS = "checkpoints"  # <run dir>/checkpoints/checkpoint_<step>/
 MODEL_FILE = "model.pt"
 STATE_FILE = "state.pt"
+METRICS_FILE = "metrics.json"
 CHECKPOINT_NAME = re.compile(r"checkpoint_\d{8}")  # checkpoint_<step>, zero-padded: names sort by step
 
 log = logging.getLogger(__name__)
@@ -58,11 +60,10 @@ def _cpu(obj: Any) -> Any:
 def save_state(directory: str, model: nn.Module, optimizer: torch.optim.Optimizer | None,
                scheduler: Any | None, loss: nn.Module | None, step: int, config: dict,
                metrics: dict | None = None) -> None:
-    """Write `model.pt` and `state.pt` into the local `directory` (created if needed)."""
+    """Write `model.pt`, `state.pt` and `metrics.json` into `directory` (local path or storage URL), each
+    atomically, so a crash or a full disk never leaves a torn file under a final name."""
     from dml_core.models.checkpoint import model_checkpoint
 
-    os.makedirs(directory, exist_ok=True)
-    torch.save(model_checkpoint(unwrap(model)), os.path.join(directory, MODEL_FILE))
     state = {
         "step": int(step),
         "config": config,
@@ -71,7 +72,11 @@ def save_state(directory: str, model: nn.Module, optimizer: torch.optim.Optimize
         "loss": _cpu(loss.state_dict()) if loss is not None else None,
         "metrics": dict(metrics or {}),
     }
-    torch.save(state, os.path.join(directory, STATE_FILE))
+    for name, obj in ((MODEL_FILE, model_checkpoint(unwrap(model))), (STATE_FILE, state)):
+        buf = io.BytesIO()
+        torch.save(obj, buf)
+        storage.write_bytes_atomic(storage.join(directory, name), buf.getvalue())
+    storage.write_bytes_atomic(storage.join(directory, METRICS_FILE), json.dumps(state["metrics"]).encode())
 
 
 def load_state(directory: str) -> dict:
@@ -86,45 +91,51 @@ def load_state(directory: str) -> dict:
     return {"model": out["model"], **out["state"]}
 
 
+def checkpoint_names(checkpoints_url: str) -> list[str]:
+    """The `checkpoint_<step>` directory names under `checkpoints_url`, oldest first."""
+    return [n for n in storage.list_names(checkpoints_url) if CHECKPOINT_NAME.fullmatch(n)]
+
+
 def newest_checkpoint(checkpoints_url: str) -> tuple[str, dict] | None:
     """The newest `checkpoint_<step>` directory under `checkpoints_url` whose files load, and its state.
 
     One left incomplete by a crash mid-write is skipped with a warning, so a run resumes from the one before.
     """
-    fs, path = storage.filesystem(checkpoints_url)
-    fs.invalidate_cache(path)
-    if not fs.exists(path):
-        return None
-    names = sorted((p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)), reverse=True)
-    for name in filter(CHECKPOINT_NAME.fullmatch, names):
+    for name in reversed(checkpoint_names(checkpoints_url)):
         url = storage.join(checkpoints_url, name)
         try:
             return url, load_state(url)
+        except storage.StorageUnavailableError:
+            raise  # the checkpoint may be fine: never resume from an older one because storage was away
         except Exception as e:  # truncated zip, missing file: anything that makes it unusable
             log.warning("skipping unreadable checkpoint %s: %s", url, e)
     return None
 
 
+def checkpoint_metrics(url: str) -> dict:
+    """The metrics of the checkpoint at `url`: its small `metrics.json`, or (older checkpoints) its state."""
+    metrics_url = storage.join(url, METRICS_FILE)
+    if storage.exists(metrics_url):
+        return json.loads(storage.read_bytes(metrics_url))
+    return load_state(url)["metrics"]
+
+
 def prune_checkpoints(checkpoints_url: str, keep_best: int) -> list[str]:
     """Keep the newest `checkpoint_<step>` directory and the `keep_best` with the lowest `loss_avg`, delete the
-    rest and any that does not load; returns the deleted URLs. Applies to every directory on storage,
+    rest and any that is incomplete; returns the deleted URLs. Applies to every directory on storage,
     also those a worker wrote before it was killed, which the orchestrator never registered."""
-    fs, path = storage.filesystem(checkpoints_url)
-    fs.invalidate_cache(path)
-    if not fs.exists(path):
-        return []
-    names = sorted(n for n in (p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
-                   if CHECKPOINT_NAME.fullmatch(n))
     scores, unreadable = {}, []
-    for name in names:
+    for name in checkpoint_names(checkpoints_url):
         try:
-            scores[name] = float(load_state(storage.join(checkpoints_url, name))["metrics"].get("loss_avg", math.inf))
+            scores[name] = float(checkpoint_metrics(storage.join(checkpoints_url, name)).get("loss_avg", math.inf))
+        except storage.StorageUnavailableError:
+            raise
         except Exception:  # torn or incomplete: of no use to a resume
             unreadable.append(name)
     keep = set(sorted(scores, key=scores.get)[:keep_best]) | set(sorted(scores)[-1:])
     gone = unreadable + [n for n in scores if n not in keep]
     for name in gone:
-        fs.rm(f"{path}/{name}", recursive=True)
+        storage.remove(storage.join(checkpoints_url, name), recursive=True)
     return [storage.join(checkpoints_url, n) for n in gone]
 
 

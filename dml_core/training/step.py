@@ -7,9 +7,14 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
+
+if TYPE_CHECKING:
+    from dml_core.config import Config
+
+DEFAULT_NAN_HINT = "lower train.lr or check the data"
 
 
 def autocast(device: torch.device):
@@ -22,25 +27,28 @@ def autocast(device: torch.device):
 def train_step(model: torch.nn.Module, loss_fn: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
                ids: torch.Tensor | None, optimizer: torch.optim.Optimizer, scheduler: Any | None = None,
                grad_cache: Any | None = None, step: int | None = None,
-               before_update: Callable[[], None] | None = None) -> dict[str, float]:
+               before_update: Callable[[], None] | None = None,
+               nan_hint: str = DEFAULT_NAN_HINT) -> dict[str, float]:
     """Run one step and return its stats: `loss`, `lr` and the loss's own `stats`.
 
     `before_update` runs between backward and the optimizer step (e.g. to average the loss's own parameter
-    gradients over ranks). Raises FloatingPointError (naming the step) if the loss is not finite, before
-    the update is applied.
+    gradients over ranks). Raises FloatingPointError (naming the step, then `nan_hint`) if the embeddings
+    or the loss are not finite, before the update is applied.
     """
     model.train()
     optimizer.zero_grad(set_to_none=True)
     lr = float(optimizer.param_groups[0]["lr"])
     if grad_cache is not None:  # the cache runs the encoder under its own autocast_dtype
         value = float(grad_cache.step(images, labels, ids))
-        _check_finite(value, step)
+        _check_finite(value, step, nan_hint)
     else:
         with autocast(images.device):
             z = model(images)
+        if not bool(torch.isfinite(z.detach()).all()):  # the model itself diverged: same cause, same error
+            raise FloatingPointError(f"embeddings are not finite{_at(step)}; {nan_hint}")
         loss = loss_fn(z.float(), labels, ids)
         value = float(loss.detach())
-        _check_finite(value, step)
+        _check_finite(value, step, nan_hint)
         loss.backward()
     if before_update is not None:
         before_update()
@@ -52,7 +60,21 @@ def train_step(model: torch.nn.Module, loss_fn: torch.nn.Module, images: torch.T
     return stats
 
 
-def _check_finite(value: float, step: int | None) -> None:
+def _check_finite(value: float, step: int | None, hint: str) -> None:
     if not math.isfinite(value):
-        where = f" at step {step}" if step is not None else ""
-        raise FloatingPointError(f"training loss is {value}{where}; lower train.lr or check the data")
+        raise FloatingPointError(f"training loss is {value}{_at(step)}; {hint}")
+
+
+def _at(step: int | None) -> str:
+    return f" at step {step}" if step is not None else ""
+
+
+def nan_suspects(cfg: "Config") -> str:
+    """The config values that most often make the loss non-finite, with their values, for that error."""
+    temperatures = [f"loss.tau={cfg.loss.tau:g}"]
+    if cfg.loss.bct is not None:
+        temperatures.append(f"loss.bct.tau_bct={cfg.loss.bct.tau_bct:g}")
+    if cfg.loss.pc is not None:
+        temperatures.append(f"loss.pc.tau_pc={cfg.loss.pc.tau_pc:g}")
+    return (f"likely causes: train.lr={cfg.train.lr:g} too high, {' or '.join(temperatures)} too low, "
+            "or the data")

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from dml_core.config import Config, ConfigError, config_from_dict, load_config
+from dml_core.config import Config, ConfigError, _deep_merge, config_from_dict, load_config, parse_overrides
 
 
 def write(tmp_path, text):
@@ -66,6 +66,9 @@ ray: {num_workers: 3, resources_per_worker: {CPU: 2}}
     ({"loss": {"bct": {"old_checkpoint": "x"}, "objective": "self_supervised"}}, "loss.bct"),
     ({"ray": {"resources_per_worker": {"CPU": -1}}}, "ray.resources_per_worker.CPU"),
     ({"run": {"name": "a/b"}}, "run.name"),
+    ({"storage": {"retry_seconds": -1}}, "storage.retry_seconds"),
+    ({"ray": {"temp_dir": "relative/ray"}}, "ray.temp_dir"),
+    ({"ray": {"temp_dir": "/tmp/" + "x" * 40}}, "ray.temp_dir"),  # too long for Ray's socket paths
     ({"data": []}, "data"),
 ])
 def test_bad_values_name_the_field(raw, field):
@@ -149,3 +152,91 @@ def test_relative_local_roots_become_absolute_at_load(tmp_path, monkeypatch):
     assert cfg.loss.bct.old_checkpoint == str(tmp_path / "runs/old/checkpoints/checkpoint_00000010")
     s3 = config_from_dict({"run": {"root": "s3://bucket/prefix"}})
     assert s3.run.root == "s3://bucket/prefix" and s3.data_root == "s3://bucket/prefix"
+
+
+# ---------------------------------------------- numbers, non-finite values, empty files ------------
+
+def test_yaml_12_numbers_load_as_numbers(tmp_path):
+    cfg = load_config(write(tmp_path, "train: {lr: 1e-3, weight_decay: .5e-4, steps: 1_000}\nloss: {tau: +5E-2}\n"))
+    assert (cfg.train.lr, cfg.train.weight_decay, cfg.train.steps, cfg.loss.tau) == (1e-3, 0.5e-4, 1000, 0.05)
+
+
+@pytest.mark.parametrize("text, field", [
+    ("train: {lr: .nan}", "train.lr"),
+    ("train: {lr: .inf}", "train.lr"),
+    ("loss: {tau: .nan}", "loss.tau"),
+    ("loss: {tau: 1e400}", "loss.tau"),  # overflows to inf
+    ("train: {weight_decay: -.inf}", "train.weight_decay"),
+    ("loss: {base: decomposable, gamma_shape: .inf}", "loss.gamma_shape"),
+    ("loss: {tcm: {m_neg: -.inf}}", "loss.tcm.m_neg"),
+    ("loss: {bct: {old_checkpoint: x, tau_bct: .nan}}", "loss.bct.tau_bct"),
+    ("ray: {resources_per_worker: {CPU: .inf}}", "ray.resources_per_worker.CPU"),
+])
+def test_non_finite_floats_are_refused_naming_the_field(tmp_path, text, field):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert str(e.value).startswith(f"{path}: {field} must be a finite number, got ")
+
+
+@pytest.mark.parametrize("text", ["", "\n\n", "# only a comment\n", "null\n", "~\n", "---\n"])
+def test_an_empty_config_file_is_refused_naming_the_file(tmp_path, text):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert str(e.value) == f"{path}: the config file is empty; give at least run.name and run.root"
+
+
+def test_parse_overrides_nests_and_reads_yaml_values():
+    got = parse_overrides(["train.steps=50", "loss.tcm={m_pos: 0.8}", "ray.address=null", "train.lr=1e-3",
+                           "run.name=v2", "train.seed=017"])
+    assert got == {"train": {"steps": 50, "lr": 1e-3, "seed": 17}, "loss": {"tcm": {"m_pos": 0.8}},
+                   "ray": {"address": None}, "run": {"name": "v2"}}
+    cfg = config_from_dict(_deep_merge({"run": {"name": "a", "root": "/tmp/r"}}, got))
+    assert cfg.train.steps == 50 and cfg.loss.tcm.m_pos == 0.8 and cfg.run.name == "v2"
+
+
+@pytest.mark.parametrize("bad", ["train.steps", "=5", "train..steps=5", "train.steps=[1,"])
+def test_parse_overrides_rejects_malformed(bad):
+    with pytest.raises(ConfigError, match="override"):
+        parse_overrides([bad])
+
+
+def test_an_override_of_an_unknown_field_is_named():
+    with pytest.raises(ConfigError, match="train.stepz"):
+        config_from_dict(_deep_merge({"run": {"name": "a", "root": "/tmp/r"}}, parse_overrides(["train.stepz=5"])))
+
+
+@pytest.mark.parametrize("data,field", [
+    ({"source": {"kind": "tfrecords"}}, "data.source.kind"),
+    ({"source": {"kind": "fashion_mnist", "max_per_clas": 3}}, "data.source.max_per_clas"),
+    ({"source": {"kind": "image_folder"}}, "data.source.root"),
+    ({"source": {"max_per_class": 3}}, "data.source.kind"),
+    ({"sharding": {"gallery_fraction": 1.0}}, "data.sharding.gallery_fraction"),
+    ({"sharding": {"eval_class_fraction": -0.1}}, "data.sharding.eval_class_fraction"),
+    ({"sharding": {"max_shard_samples": 0}}, "data.sharding.max_shard_samples"),
+    ({"sharding": {"seeds": 1}}, "data.sharding.seeds"),
+])
+def test_bad_data_source_and_sharding_name_the_field(data, field):
+    with pytest.raises(ConfigError, match=rf"config: (unknown key\(s\) )?{field}\b"):
+        config_from_dict({"data": data})
+
+
+def test_data_source_builds_the_named_source_with_its_options():
+    from dml_core.data.sources.from_config import build_source
+
+    cfg = config_from_dict({"data": {"source": {"kind": "synthetic", "data": "images", "num_classes": 3,
+                                                "per_class": 2, "image_size": [8, 8]},
+                                     "sharding": {"seed": 4, "max_shard_samples": 7}}})
+    source = build_source(cfg.data.source)
+    assert source.describe()["data"] == "images" and len(source.list_items()) == 6
+    assert cfg.data.sharding.seed == 4 and cfg.data.sharding.gallery_fraction == 0.5
+    assert config_from_dict({}).data.source == {"kind": "fashion_mnist"}
+
+
+def test_bct_from_the_gallery_is_kept_as_a_word_not_made_a_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = config_from_dict({"loss": {"bct": {"old_checkpoint": "gallery"}}})
+    assert cfg.loss.bct.old_checkpoint == "gallery"
+    cfg = config_from_dict({"loss": {"bct": {"old_checkpoint": "old/ckpt"}}})
+    assert cfg.loss.bct.old_checkpoint == str(tmp_path / "old" / "ckpt")

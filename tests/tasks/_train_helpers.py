@@ -64,3 +64,78 @@ class FailAt:
             with open(self.log, "a") as f:
                 f.write(f"rank {rank}\n")
             raise self.error(f"step {step} failed on purpose")
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def start_driver(cfg, config_path: str):
+    """`run_training` of `cfg` in a fresh driver process, as a user starts it (stdout+stderr piped)."""
+    import subprocess
+    import sys
+
+    with open(config_path, "w") as f:
+        f.write(cfg.to_yaml())
+    script = ("from dml_core.config import load_config; from tasks.train import run_training; "
+              f"run_training(load_config({config_path!r}))")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
+    env["PYTHONPATH"] = REPO
+    return subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+class DescendantWatch:
+    """Every descendant a process has had (sampled in a thread), so a test can check that none outlives it.
+    Ray's processes are found by ancestry: workers retitle themselves (`ray::RayTrainWorker`)."""
+
+    def __init__(self, pid: int, interval: float = 0.3) -> None:
+        import threading
+
+        import psutil
+
+        self.root, self.interval, self.seen = psutil.Process(pid), interval, {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.sample()
+            self._stop.wait(self.interval)
+
+    def sample(self) -> None:
+        import psutil
+
+        try:
+            children = self.root.children(recursive=True)
+        except psutil.Error:  # the root has ended
+            return
+        for child in children:
+            try:
+                self.seen[(child.pid, child.create_time())] = " ".join(child.cmdline())[:80]
+            except psutil.Error:
+                continue
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def survivors(self, timeout: float = 20.0) -> list[str]:
+        """The recorded descendants still alive after waiting up to `timeout` s for them to end."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        while (left := [f"{pid} {cmd}" for (pid, created), cmd in self.seen.items() if _alive(pid, created)]) \
+                and time.monotonic() < deadline:
+            time.sleep(0.5)
+        return left
+
+
+def _alive(pid: int, created: float) -> bool:
+    import psutil
+
+    try:
+        p = psutil.Process(pid)
+        return p.create_time() == created and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False

@@ -28,7 +28,8 @@ OLD_MODEL = {"backbone": "small_cnn", "embedding_dim": 32, "image_size": IMAGE_S
              "backbone_options": {"widths": [16, 32, 64]}}
 NEW_MODEL = {**OLD_MODEL, "backbone_options": {"widths": [32, 64, 128]}}  # same embedding dimension
 DATA = {"batch_size": 64, "p": 16, "k": 4}  # per worker: 2 workers -> 128 images, 32 classes a step
-OLD_STEPS, NEW_STEPS = 80, 600
+OLD_STEPS, NEW_STEPS = 80, 400
+CONTROL_STEPS = 100  # any model trained without BCT is unrelated to the old one: a short run shows it
 BCT = {"lambda_bct": 3.0, "tau_bct": 0.05}
 
 
@@ -43,7 +44,7 @@ def bct_runs(tmp_path_factory, font_glyph_shards):
     old = run_training(_config(root, font_glyph_shards, "old", OLD_MODEL, OLD_STEPS, seed=0))
     bct = run_training(_config(root, font_glyph_shards, "bct", NEW_MODEL, NEW_STEPS, seed=1,
                                bct={"old_checkpoint": old.checkpoint, **BCT}))
-    plain = run_training(_config(root, font_glyph_shards, "plain", NEW_MODEL, NEW_STEPS, seed=1))
+    plain = run_training(_config(root, font_glyph_shards, "plain", NEW_MODEL, CONTROL_STEPS, seed=1))
     return {"old": old, "bct": bct, "plain": plain}
 
 
@@ -76,7 +77,7 @@ def eval_scores(bct_runs, font_glyph_shards):
 
 
 def test_bct_makes_new_queries_retrieve_from_the_old_gallery_on_unseen_classes(bct_runs, eval_scores):
-    assert bct_runs["bct"].final["step"] == NEW_STEPS and bct_runs["plain"].final["step"] == NEW_STEPS
+    assert bct_runs["bct"].final["step"] == NEW_STEPS and bct_runs["plain"].final["step"] == CONTROL_STEPS
     s = {name: scores["recall_at_1"] for name, scores in eval_scores.items()}
     chance = 1 / 128  # 128 evaluation classes
     # Without BCT the new embedding space is unrelated to the old one: new->old retrieval is at chance,

@@ -75,3 +75,36 @@ def truncate(path: str, keep_fraction: float = 0.5) -> None:
     size = os.path.getsize(path)
     with open(path, "r+b") as f:
         f.truncate(int(size * keep_fraction))
+
+
+def cut_at_sample(path: str, keep: int) -> int:
+    """Truncate a shard at the header of sample number `keep` (0-based), a tar member boundary: what is
+    left is a clean tar of `keep` whole samples, as `truncate -s` at that offset leaves it. Returns the size."""
+    import tarfile
+
+    keys: list[str] = []
+    with tarfile.open(path, "r:") as tar:
+        for member in tar:
+            key = member.name.split(".", 1)[0]
+            if key not in keys:
+                keys.append(key)
+                if len(keys) == keep + 1:
+                    offset = member.offset
+                    break
+        else:
+            raise ValueError(f"{path} has only {len(keys)} samples")
+    os.truncate(path, offset)
+    return offset
+
+
+def append_sample(path: str, sample: dict) -> None:
+    """Append one whole sample (its members) to a shard's tar."""
+    import tarfile
+
+    with tarfile.open(path, "a") as tar:
+        for ext, data in sample.items():
+            if ext.startswith("__"):
+                continue
+            info = tarfile.TarInfo(f"{sample['__key__']}.{ext}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))

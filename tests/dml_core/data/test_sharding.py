@@ -186,11 +186,23 @@ def test_damaged_shard_is_detected_and_rewritten(tmp_path):
 
 
 KILL_SCRIPT = textwrap.dedent("""
-    import sys
+    import os, sys, time
     from dml_core.data.sharding import shard_dataset
     from dml_core.data.sources import SyntheticSource
+    fast_load = SyntheticSource.load
+    def slow_load(self, item):  # about 15 s in all, so the test kills it half-way even on a slow machine
+        time.sleep(0.01)
+        return fast_load(self, item)
+    SyntheticSource.load = slow_load
+
+    def pause_at_sample_50(split, done, total):  # with a handshake dir: 3 train shards written, wait for "go"
+        if len(sys.argv) > 2 and split == "train" and done == 50:
+            open(os.path.join(sys.argv[2], "ready"), "w").close()
+            while not os.path.exists(os.path.join(sys.argv[2], "go")):
+                time.sleep(0.01)
+
     src = SyntheticSource(num_classes=10, per_class=150, kind="images", image_size=(48, 48), noise=0.3, seed=1)
-    shard_dataset(src, sys.argv[1], "big", max_shard_samples=15, eval_class_fraction=0.3)
+    shard_dataset(src, sys.argv[1], "big", max_shard_samples=15, eval_class_fraction=0.3, progress=pause_at_sample_50)
 """)
 
 

@@ -66,3 +66,57 @@ def test_fmnist_s3_shards_fixture(fmnist_s3_shards, fmnist_shards):
     local = fmnist_shards["manifest"]
     assert m.splits == local.splits and m.version == local.version  # same bytes on both stores
     assert m.num_ids == local.num_ids == 400
+
+
+def _s3fs(server):
+    import s3fs
+
+    return s3fs.S3FileSystem(key=server.access_key, secret=server.secret_key, skip_instance_cache=True,
+                             client_kwargs={"endpoint_url": server.endpoint_url, "region_name": "us-east-1"})
+
+
+@pytest.mark.slow
+def test_s3_killed_during_sharding_leaves_no_manifest_and_a_rerun_completes(tmp_path, monkeypatch):
+    """A server of its own (the session's must live on), SIGKILLed while a sharding process writes to it,
+    restarted on the same data directory: no manifest was written, and a re-run completes and verifies."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from dml_core.data.sources import SyntheticSource
+    from infra.seaweedfs import SeaweedS3
+    from tests.dml_core.data.test_sharding import KILL_SCRIPT, REPO
+
+    server = SeaweedS3(bucket="dml", workdir=str(tmp_path / "weed")).start()
+    root = server.url("killed")
+    try:
+        proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, root, str(tmp_path)], cwd=REPO,
+                                stderr=subprocess.PIPE, env={**os.environ, **server.client_env()})
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "ready").exists():  # 3 train shards are on S3 and the writer waits
+            assert proc.poll() is None, "sharding ended before the server could be killed"
+            assert time.monotonic() < deadline, "sharding did not reach its 50th train sample within 120 s"
+            time.sleep(0.05)
+        os.killpg(server.proc.pid, signal.SIGKILL)
+        server.proc.wait(timeout=30)
+        (tmp_path / "go").touch()
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode != 0, "sharding did not fail when its storage died"
+        server.start()  # same data directory and ports
+        fs = _s3fs(server)
+        (version_dir,) = fs.glob("dml/killed/datasets/big/*")
+        at_kill = {p.rsplit("/", 1)[1] for p in fs.ls(version_dir)}
+        assert "manifest.json" not in at_kill and at_kill, err.decode()[-2000:]
+        for k, v in server.client_env().items():
+            monkeypatch.setenv(k, v)
+        src = SyntheticSource(num_classes=10, per_class=150, kind="images", image_size=(48, 48), noise=0.3, seed=1)
+        m = shard_dataset(src, root, "big", max_shard_samples=15, eval_class_fraction=0.3)
+        assert m.url == f"s3://{version_dir}"
+        assert Manifest.read(root, "big").verify("full") == m
+        listed = {s.name for sp in m.splits.values() for s in sp.shards} | {"manifest.json"}
+        fs.invalidate_cache()
+        assert {p.rsplit("/", 1)[1] for p in fs.ls(version_dir)} == listed
+        assert len(at_kill) < len(listed) - 1  # it really was killed half-way
+    finally:
+        server.stop()

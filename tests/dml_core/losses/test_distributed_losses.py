@@ -11,14 +11,14 @@ import torch
 from torch import nn
 
 from dml_core.distributed import is_distributed
-from dml_core.losses import BCT, TCM, DecomposableLoss, DistributedLoss, InfoNCE
+from dml_core.losses import BCT, TCM, DecomposableLoss, DistributedLoss, InfoNCE, OldEmbeddingTable, PositiveCongruent
 from tests.conftest import run_gloo
 from tests.dml_core.losses.test_info_nce import assert_close_rel
 
 D_IN, D_OUT, NUM_SAMPLES, NUM_CLASSES, BATCH, STEPS = 5, 4, 20, 3, 8, 3
 KINDS = ["info_nce", "info_nce_tiled", "tcm", "decomposable", "decomposable_sampled", "bct", "info_nce+tcm",
          "decomposable+tcm", "info_nce+tcm+bct", "decomposable+tcm+bct", "decomposable_tiled+tcm_tiled",
-         "decomposable_tiled_seen"]
+         "decomposable_tiled_seen", "pc", "info_nce+tcm+bct+pc"]
 
 
 def _make_loss(kind: str) -> nn.Module:
@@ -31,6 +31,7 @@ def _make_loss(kind: str) -> nn.Module:
         "decomposable": lambda: DecomposableLoss(NUM_SAMPLES, tau=0.2),
         "decomposable_sampled": lambda: DecomposableLoss(NUM_SAMPLES, tau=0.2, gamma_shape=3.0, seed=7),
         "bct": lambda: BCT(w_old, tau_bct=0.3),
+        "pc": lambda: PositiveCongruent(w_old, _old_table(), alpha=0.5, beta=2.0, tau_pc=0.3),
         "decomposable_tiled": lambda: DecomposableLoss(NUM_SAMPLES, tau=0.2, tile_size=3, tiled_above=0),
         "tcm_tiled": lambda: TCM(m_pos=0.5, m_neg=0.0, tile_size=3, tiled_above=0),
         "decomposable_tiled_seen": lambda: _seen(DecomposableLoss(NUM_SAMPLES, tau=0.2, tile_size=3, tiled_above=0)),
@@ -39,6 +40,13 @@ def _make_loss(kind: str) -> nn.Module:
     for name in kind.split("+"):
         loss = terms[name]() if loss is None else loss + terms[name]()
     return loss
+
+
+def _old_table() -> OldEmbeddingTable:
+    """Old embeddings of every sample id: near their class prototype for some ids (old model right)."""
+    g = torch.Generator().manual_seed(6)
+    ids = torch.arange(NUM_SAMPLES)
+    return OldEmbeddingTable(torch.randn(NUM_SAMPLES, D_OUT, generator=g, dtype=torch.float64), ids)
 
 
 def _seen(loss: DecomposableLoss) -> DecomposableLoss:
@@ -134,4 +142,5 @@ def test_single_process_reference_is_not_trivial(single_process):
     assert all(s["single_pass"] == 1.0 for s in single["decomposable_tiled_seen"]["stats"])
     for got, want in zip(single["decomposable_tiled+tcm_tiled"]["grads"], single["decomposable+tcm"]["grads"]):
         assert_close_rel(torch.from_numpy(got), torch.from_numpy(want), 1e-10)  # the tiled path is exact
+    assert all(0 < s["old_right"] < 1 for s in single["pc"]["stats"])  # both focal weights occur
     assert single["future_warnings"] == []

@@ -122,3 +122,19 @@ def test_regressing_model_reports_no_gain():
         assert s.update_gain is None and "does not improve" in s.update_gain_reason
     back = CompatibilityResult.from_dict(res.to_dict())
     assert back.scores["recall_at_1"].update_gain_reason == res.scores["recall_at_1"].update_gain_reason
+
+
+def test_summary_puts_flips_of_both_settings_next_to_the_criterion():
+    old, new, _, y = models()
+    res = evaluate_compatibility(old, new, y)
+    c_oo, c_nn, c_no = (top1_correct(a, b, y, y, True) for a, b in ((old, old), (new, new), (new, old)))
+    summary = res.to_dict()["summary"]
+    assert summary["recall_at_1"] == {"criterion": True, "new_old": pytest.approx(c_no.mean()),
+                                      "old_old": pytest.approx(c_oo.mean())}
+    assert summary["map_at_r"]["criterion"] == res.scores["map_at_r"].criterion
+    assert (c_oo & ~c_no).sum() > 0 and (c_oo & ~c_nn).sum() > 0  # both settings flip some queries
+    assert summary["nfr_new_old"] == pytest.approx((c_oo & ~c_no).sum() / len(y))
+    assert summary["nfi_new_old"] == pytest.approx((c_oo & ~c_no).sum() / (~c_no).sum())
+    assert summary["nfr_new_new"] == pytest.approx((c_oo & ~c_nn).sum() / len(y))
+    assert summary["nfi_new_new"] == pytest.approx((c_oo & ~c_nn).sum() / (~c_nn).sum())
+    assert CompatibilityResult.from_dict(res.to_dict()).to_dict() == res.to_dict()

@@ -5,7 +5,8 @@ import torch
 
 from dml_core.config import config_from_dict
 from dml_core.training.build import build_loss, build_model_from_config, build_optimizer, build_schedule, lr_factor
-from dml_core.training.state import load_state, newest_checkpoint, restore_state, save_state
+from dml_core.training.state import (checkpoint_names, load_state, newest_checkpoint, prune_checkpoints,
+                                     restore_state, save_state)
 from dml_core.training.step import train_step
 
 CFG = config_from_dict({"model": {"backbone": "small_cnn", "embedding_dim": 16, "image_size": 8},
@@ -40,7 +41,7 @@ def test_resume_matches_uninterrupted_run(tmp_path):
     first = make()
     losses = run(*first, data[:3])
     save_state(str(tmp_path), first[0], first[2], first[3], first[1], step=3, config=CFG.to_dict())
-    assert sorted(os.listdir(tmp_path)) == ["model.pt", "state.pt"]
+    assert sorted(os.listdir(tmp_path)) == ["metrics.json", "model.pt", "state.pt"]
 
     second = make()  # fresh objects: everything must come from the files
     state = load_state(str(tmp_path))
@@ -80,6 +81,21 @@ def test_newest_checkpoint_skips_an_incomplete_one(tmp_path):
     assert url.endswith("checkpoint_00000010") and state["step"] == 10
     state_file.unlink()
     assert newest_checkpoint(str(tmp_path))[1]["step"] == 10
+
+
+def test_prune_keeps_the_newest_and_the_best_scored_from_metrics_json_or_old_state(tmp_path):
+    model, loss, opt, sched = make()
+    for step, loss_avg in ((5, 0.5), (10, 0.1), (15, 0.9), (20, 0.01), (25, 0.8)):
+        save_state(str(tmp_path / f"checkpoint_{step:08d}"), model, opt, sched, loss, step=step, config={},
+                   metrics={"step": step, "loss_avg": loss_avg})
+    (tmp_path / "checkpoint_00000020" / "metrics.json").unlink()  # written before metrics.json existed
+    (tmp_path / "checkpoint_00000005" / "metrics.json").write_text('{"loss_avg": 0.05}')  # pruning reads this
+    (tmp_path / "checkpoint_00000030").mkdir()  # a crash before its first file was complete
+    (tmp_path / "checkpoint_00000030" / "model.pt").write_bytes(b"torn")
+    gone = prune_checkpoints(str(tmp_path), keep_best=2)
+    assert sorted(os.path.basename(g) for g in gone) == ["checkpoint_00000010", "checkpoint_00000015",
+                                                         "checkpoint_00000030"]
+    assert checkpoint_names(str(tmp_path)) == ["checkpoint_00000005", "checkpoint_00000020", "checkpoint_00000025"]
 
 
 def test_lr_schedule_shape():

@@ -1,0 +1,149 @@
+"""The backfill stage on Ray: embed a gallery split with a checkpoint, shard by shard, in a pool of actors.
+
+Each actor holds one model and is fed whole dataset shards, two queued at a time; each shard's embeddings
+and completion record are written by `dml_core.gallery.embeddings.embed_shard`. Actors fed shard by shard,
+rather than Ray Data's `map_batches`, because completion is recorded per shard (a re-run embeds only what is
+missing), the shards are read by the project's own readers (sample-count checks, `on_error`, the S3 fork
+guard), and no dataset-wide plan has to be rebuilt after a crash. A killed actor is restarted by Ray and its
+shard retried (`max_restarts`, `max_task_retries`); a killed driver is a re-run. An `EmbedPool` passed in
+keeps its actors (and their models) for the caller's next embedding work.
+"""
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+
+import ray
+
+from dml_core import storage
+from dml_core.config import Config
+from dml_core.data.manifest import Manifest
+from dml_core.gallery.embeddings import gallery_url, pending, shard_tasks, write_manifest
+from dml_core.training.embed import model_url
+from tasks import ray_runtime
+
+QUEUED = 2  # shards sent ahead to each actor
+
+
+@dataclass
+class BackfillResult:
+    url: str  # the gallery embeddings' folder
+    manifest: dict  # its manifest.json
+    embedded: int  # shards embedded by this call (the rest were done before)
+    shards: int
+
+
+@ray.remote
+class EmbedActor:
+    """Holds the model of the last checkpoint it was given; embeds whole shards into a gallery folder."""
+
+    def __init__(self, threads: int, use_gpu: bool) -> None:
+        import torch
+
+        torch.set_num_threads(threads)
+        self.device = "cuda" if use_gpu else "cpu"
+        self.model_key, self.model = None, None
+
+    def embed(self, task, model_key: tuple[str, str], out_dir: str, options: dict) -> dict:
+        from dml_core.gallery.embeddings import embed_shard
+        from dml_core.training.embed import load_checkpoint_model
+
+        if model_key != self.model_key:  # (checkpoint, file tag): a checkpoint rewritten in place is reloaded
+            self.model, self.model_key = load_checkpoint_model(model_key[0]).to(self.device), model_key
+        return embed_shard(self.model, task, out_dir, device=self.device, **options)
+
+
+class EmbedPool:
+    """`ray.num_workers` embedding actors, started on first use and kept until `close()` (or the end of a
+    `with` block): a driver that embeds several times (the evaluation, then the backfill) starts them once.
+    While they live they hold their CPUs (or GPUs), so close the pool before training in the same cluster."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg, self._actors = cfg, []
+
+    @property
+    def actors(self) -> list:
+        if not self._actors:
+            ray_runtime.init_ray(self.cfg)
+            threads = max(1, int(self.cfg.ray.resources_per_worker.get("CPU", 1)))
+            actor = EmbedActor.options(num_cpus=threads, num_gpus=1 if self.cfg.ray.use_gpu else 0,
+                                       max_restarts=2, max_task_retries=2)
+            self._actors = [actor.remote(threads, self.cfg.ray.use_gpu) for _ in range(self.cfg.ray.num_workers)]
+        return self._actors
+
+    def start(self) -> "EmbedPool":
+        """Start the actors now and wait until they are up."""
+        ray.get([a.__ray_ready__.remote() for a in self.actors])
+        return self
+
+    def close(self) -> None:
+        for a in self._actors:
+            ray.kill(a)
+        self._actors = []
+
+    def __enter__(self) -> "EmbedPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def run_backfill(cfg: Config, checkpoint: str, model_version: str, on_shard=None,
+                 pool: EmbedPool | None = None) -> BackfillResult:
+    """Embed the `backfill.split` of the config's dataset with `checkpoint` into
+    `<run.root>/galleries/<gallery>/<model_version>/` with `ray.num_workers` actors (the `pool`'s, else new
+    ones), resuming what a crashed run left, then write its manifest. `on_shard(n, record)` (driver side)
+    sees each finished shard."""
+    storage.use_endpoint(cfg.storage.endpoint_url)
+    storage.use_retry_seconds(cfg.storage.retry_seconds)
+    bf = cfg.backfill
+    manifest = Manifest.read(cfg.data_root, cfg.data.dataset, cfg.data.version)
+    gallery = bf.gallery or manifest.name
+    out = gallery_url(cfg.run.root, gallery, model_version)
+    tasks = shard_tasks(manifest, bf.split)
+    todo = pending(out, tasks)
+    if todo:
+        options = {"dtype": bf.dtype, "batch_size": bf.batch_size, "on_error": cfg.data.on_error,
+                   "attempt": uuid.uuid4().hex}
+        model_key = (checkpoint, storage.file_tag(model_url(checkpoint)))
+        own, pool = pool is None, pool or EmbedPool(cfg)
+        try:
+            _embed_all(pool.actors[:len(todo)], lambda a, t: a.embed.remote(t, model_key, out, options),
+                       todo, len(tasks), on_shard)
+        except BaseException:
+            pool.close()  # shards may still be queued on its actors
+            raise
+        if own:
+            pool.close()
+    meta = {"gallery": gallery, "model_version": model_version, "checkpoint": checkpoint,
+            "dataset": {"name": manifest.name, "version": manifest.version, "split": bf.split}}
+    return BackfillResult(out, write_manifest(out, tasks, meta), embedded=len(todo), shards=len(tasks))
+
+
+def _embed_all(actors: list, call, todo: list, total: int, on_shard) -> None:
+    """Feed the shards to the actors (`call(actor, task)`), QUEUED waiting at each so none idles between
+    shards; progress on the console."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    waiting, running = list(reversed(todo)), {}
+
+    def submit(actor) -> None:
+        if waiting:
+            running[call(actor, waiting.pop())] = actor
+
+    for actor in actors * QUEUED:
+        submit(actor)
+    done_before, items, t0 = total - len(todo), 0, time.perf_counter()
+    columns = (TextColumn("[backfill] shards"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[rate]} items/s"), TimeRemainingColumn())
+    with Progress(*columns, transient=False) as progress:
+        bar = progress.add_task("embed", total=total, completed=done_before, rate="-")
+        for n in range(1, len(todo) + 1):
+            (ref,), _ = ray.wait(list(running), num_returns=1)
+            record = ray.get(ref)
+            submit(running.pop(ref))
+            items += record["count"]
+            progress.update(bar, advance=1, rate=f"{items / max(time.perf_counter() - t0, 1e-9):.0f}")
+            if on_shard is not None:
+                on_shard(n, record)

@@ -1,0 +1,60 @@
+"""The serving update on Ray: after training, gate the new model against the registry's gallery model on the
+evaluation split; register it as the query model (no embedding of the gallery), or backfill the gallery with
+it (`tasks.backfill`), build and check its index, and switch the registry (`dml_core.gallery.update`)."""
+from __future__ import annotations
+
+from typing import Callable
+
+from dml_core import storage
+from dml_core.config import Config
+from dml_core.data.manifest import Manifest
+from dml_core.gallery.embeddings import MANIFEST_FILE, load_gallery
+from dml_core.gallery.registry import ModelRef, Registry
+from dml_core.gallery.update import UpdateResult, check_index, update_serving
+from dml_core.metrics.compatibility import evaluate_compatibility
+from dml_core.metrics.gate import GateDecision, UpdateGate
+from dml_core.training.embed import embed_with_config
+from tasks.backfill import run_backfill
+
+
+def gate_decision(cfg: Config, manifest: Manifest, old_checkpoint: str, new_checkpoint: str) -> GateDecision:
+    """METHODS 6 on the evaluation split (leave-one-out), old and new model embedding the same items."""
+    old = embed_with_config(cfg, old_checkpoint, manifest)
+    new = embed_with_config(cfg, new_checkpoint, manifest)
+    compat = evaluate_compatibility(old.z, new.z, new.labels)
+    return UpdateGate(cfg.gate.max_nfr, cfg.gate.min_gain, cfg.gate.metric).decide(compat)
+
+
+def backfill_and_index(cfg: Config, model: ModelRef, on_shard=None) -> tuple[str, str]:
+    """Embed the gallery with `model` on Ray and build its index beside it: (gallery manifest, index manifest)."""
+    from dml_core.gallery.index import IndexSpec, build_index
+
+    result = run_backfill(cfg, model.checkpoint, model.version, on_shard=on_shard)
+    gallery = load_gallery(result.url)
+    index = build_index(gallery.z, gallery.ids, IndexSpec(factory=cfg.backfill.index))
+    return storage.join(result.url, MANIFEST_FILE), index.save(result.url)
+
+
+def run_update(cfg: Config, checkpoint: str, version: str | None = None, on_shard=None,
+               decide: Callable[[ModelRef], GateDecision] | None = None,
+               on_backfill: Callable[[str, ModelRef], None] | None = None) -> UpdateResult:
+    """Serve the model of `checkpoint` (named `version`, default the run's name) for the config's gallery.
+    `decide(gallery_model)` replaces the gate on the evaluation split (`gate_decision`) where the caller
+    already has a decision. `on_backfill("started" | "finished", model)` brackets a backfill."""
+    storage.use_endpoint(cfg.storage.endpoint_url)
+    storage.use_retry_seconds(cfg.storage.retry_seconds)
+    manifest = Manifest.read(cfg.data_root, cfg.data.dataset, cfg.data.version)
+    registry = Registry(cfg.run.root, check_index=check_index)
+    model = ModelRef(version or cfg.run.name, checkpoint)
+    return update_serving(registry, cfg.backfill.gallery or manifest.name, model,
+                          decide=decide or (lambda old: gate_decision(cfg, manifest, old.checkpoint, checkpoint)),
+                          backfill=lambda m: _bracketed(on_backfill, m, lambda: backfill_and_index(cfg, m, on_shard)))
+
+
+def _bracketed(on_backfill, model: ModelRef, backfill):
+    if on_backfill is not None:
+        on_backfill("started", model)
+    out = backfill()
+    if on_backfill is not None:
+        on_backfill("finished", model)
+    return out

@@ -1,0 +1,116 @@
+"""The stages as Prefect tasks: I/O retried with exponential backoff; shard, train and evaluate cached on
+content (dataset fingerprint, config hash, checkpoint hashes), never on tensors. A cached result whose
+outputs have gone from storage is recomputed (`run_cached`)."""
+from __future__ import annotations
+
+from typing import Callable
+
+from prefect import task
+from prefect.tasks import exponential_backoff
+
+from dml_core import storage
+from dml_core.config import Config
+from dml_core.data.sources.base import sha256_file, sha256_json
+from dml_core.gallery.gallery_model import gallery_name
+from dml_core.gallery.registry import ModelRef
+from dml_core.metrics.gate import GateDecision
+from dml_core.training.embed import model_url
+from tasks import evaluate, events, publish, shard
+
+IO_RETRIES = {"retries": 2, "retry_delay_seconds": exponential_backoff(backoff_factor=5),
+              "retry_jitter_factor": 0.5}
+
+
+def checkpoint_hash(checkpoint: str) -> str:
+    """sha256 of a checkpoint's model file (its weights and spec: what embeds)."""
+    fs, path = storage.filesystem(model_url(checkpoint))
+    return sha256_file(fs, path)
+
+
+def _shard_key(_, params: dict) -> str:
+    cfg = params["cfg"]
+    return "shard-" + sha256_json([cfg.data_root, cfg.data.dataset, shard.dataset_fingerprint_of(cfg)])
+
+
+def _train_key(_, params: dict) -> str:
+    cfg: Config = params["cfg"]
+    inputs = [cfg.loss.bct.old_checkpoint if cfg.loss.bct is not None else "", cfg.train.init_checkpoint]
+    return "train-" + sha256_json([cfg.to_dict(), *(checkpoint_hash(c) if c else None for c in inputs)])
+
+
+def _evaluate_key(_, params: dict) -> str:
+    cfg: Config = params["cfg"]
+    old: ModelRef | None = params["old"]
+    return "evaluate-" + sha256_json([evaluate.evaluation_dir(cfg), cfg.data.dataset, cfg.data.version,
+                                      checkpoint_hash(params["checkpoint"]), params.get("version"),
+                                      None if old is None else [old.version, checkpoint_hash(old.checkpoint)],
+                                      cfg.gate.__dict__, cfg.data.on_error])
+
+
+def _train(cfg: Config) -> dict:
+    from tasks.train import run_training
+
+    result = run_training(cfg)
+    return {"run": cfg.run.name, "run_dir": result.run_dir, "checkpoint": result.checkpoint,
+            "steps": int(result.final.get("step", 0)), "loss": result.metrics.get("loss_avg"),
+            "skipped": result.skipped}
+
+
+def _update(cfg: Config, checkpoint: str, gate: dict | None, old: ModelRef | None) -> dict:
+    """Serve the new model as the evaluation's gate decided against `old`: query model only, or backfill,
+    index and switch; events bracket the backfill and announce the registry change."""
+    from tasks.update import run_update
+
+    gallery = gallery_name(cfg)
+
+    def decide(current: ModelRef) -> GateDecision:
+        if gate is None or current != old:
+            raise RuntimeError(f"gallery {gallery}: the registry's gallery model is now {current}, but the evaluation "
+                               f"compared with {old}; run the retrain again")
+        return GateDecision.from_dict(gate)
+
+    result = run_update(cfg, checkpoint, decide=decide,
+                        on_backfill=lambda stage, m: events.emit_backfill(stage, gallery, m, cfg.run.name))
+    events.emit_switched(gallery, result.action, result.entry, cfg.run.name)
+    return {"gallery": gallery, "action": result.action, "backfill": result.backfilled,
+            "gallery_model": result.entry.gallery_model.version, "query_model": result.entry.query_model.version,
+            "index": result.entry.index}
+
+
+def _backfill(cfg: Config, checkpoint: str) -> dict:
+    """Backfill and index the gallery with `checkpoint` (model `run.name`) and switch the registry to it."""
+    from dml_core.gallery.registry import Registry
+    from dml_core.gallery.update import check_index
+    from tasks.update import backfill_and_index
+
+    gallery, model = gallery_name(cfg), ModelRef(cfg.run.name, checkpoint)
+    events.emit_backfill("started", gallery, model, cfg.run.name)
+    embeddings, index = backfill_and_index(cfg, model)
+    events.emit_backfill("finished", gallery, model, cfg.run.name)
+    entry = Registry(cfg.run.root, check_index=check_index).switch(gallery, model, embeddings, index,
+                                                                   "backfilled on request (backfill flow)")
+    events.emit_switched(gallery, "switch", entry, cfg.run.name)
+    return {"gallery": gallery, "model_version": model.version, "checkpoint": checkpoint, "embeddings": embeddings,
+            "index": index}
+
+
+shard_task = task(shard.run_shard, name="shard", cache_key_fn=_shard_key, persist_result=True, **IO_RETRIES)
+train_task = task(_train, name="train", cache_key_fn=_train_key, persist_result=True, retries=1,
+                  retry_delay_seconds=exponential_backoff(backoff_factor=10))
+evaluate_task = task(evaluate.run_evaluation, name="evaluate", cache_key_fn=_evaluate_key, persist_result=True,
+                     **IO_RETRIES)
+update_task = task(_update, name="update", retries=1, retry_delay_seconds=exponential_backoff(backoff_factor=10))
+backfill_task = task(_backfill, name="backfill", retries=1, retry_delay_seconds=exponential_backoff(backoff_factor=10))
+publish_task = task(publish.publish, name="publish", **IO_RETRIES)
+
+
+def run_cached(prefect_task, still_there: Callable[[dict], bool], **params) -> tuple[dict, bool]:
+    """Run a cached task: (its result, whether it came from the cache). A cached result whose outputs are
+    gone (`still_there(result)` false: a deleted dataset or run) is computed again."""
+    state = prefect_task(**params, return_state=True)
+    out = state.result()
+    if state.name != "Cached":
+        return out, False
+    if still_there(out):
+        return out, True
+    return prefect_task.with_options(refresh_cache=True)(**params), False

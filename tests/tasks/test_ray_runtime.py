@@ -1,0 +1,56 @@
+"""A flow's Ray session: what the flow starts it shuts down, and a SIGTERM in the middle of the shutdown waits
+for it (Prefect cancels a flow run with SIGTERM; cut short, the shutdown leaves Ray's agents behind)."""
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+ray = pytest.importorskip("ray")
+
+
+def _start_local_ray() -> None:
+    ray.init(num_cpus=1, include_dashboard=False, logging_level="WARNING", _temp_dir=f"/tmp/dmlray-s{os.getpid()}")
+
+
+def test_a_sigterm_during_the_shutdown_is_delivered_after_it(monkeypatch):
+    from tasks import ray_runtime
+
+    if ray.is_initialized():
+        ray.shutdown()
+    _start_local_ray()
+    real_shutdown, seen = ray.shutdown, []
+
+    def shutdown_signalled_midway() -> None:
+        os.kill(os.getpid(), signal.SIGTERM)  # a handler running now would see Ray still up
+        real_shutdown()
+
+    monkeypatch.setattr(ray, "shutdown", shutdown_signalled_midway)
+    sigint = signal.getsignal(signal.SIGINT)
+    previous = signal.signal(signal.SIGTERM, lambda *_: seen.append(ray.is_initialized()))
+    try:
+        ray_runtime.shutdown_ray()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert seen == [False]  # delivered once, after Ray was down
+    assert signal.getsignal(signal.SIGINT) is sigint  # both handlers are back
+
+
+def test_the_outermost_session_shuts_down_the_ray_started_inside_it():
+    from tasks.ray_runtime import ray_session
+
+    if ray.is_initialized():
+        ray.shutdown()
+    with ray_session():  # `dml run` around its runs' flows
+        with ray_session():
+            _start_local_ray()
+        assert ray.is_initialized()  # kept for the next flow
+    assert not ray.is_initialized()
+    _start_local_ray()
+    try:
+        with ray_session():
+            pass
+        assert ray.is_initialized()  # the caller's own Ray is left to the caller
+    finally:
+        ray.shutdown()
