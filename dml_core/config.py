@@ -33,6 +33,9 @@ class RunSection:
     root: str = "./dml_storage"  # storage root: local directory (made absolute at load) or s3://bucket/prefix
     lease_seconds: float = 60.0  # a driver's run lease expires this long after its last heartbeat (every third)
     allow_config_change: bool = False  # resume even if the model/loss/data fields differ from the saved config
+    # start the run over: what an earlier attempt left in the run dir (checkpoints, config.yaml, metrics.jsonl, ...)
+    # is moved to <run dir>/replaced-<UTC time>/ first, nothing deleted
+    fresh_start: bool = False
 
 
 @dataclass
@@ -55,6 +58,9 @@ class DataSection:
     loader_workers: int = 0  # DataLoader worker processes per training worker (0: read in the training process)
     augment: bool = False  # random crop/flip augmentation of training images (two views when self-supervised)
     eval_batch_size: int = 256  # batch size when embedding the evaluation split
+    # train on the first N classes of the training split (by label); None: all. For an old model that saw
+    # fewer classes than its successor (backward-compatible training experiments)
+    train_classes: Optional[int] = None
     # a bad shard (unreadable, or not the manifest's size or sample count) or sample: stop the run naming it,
     # or skip it and count it (metrics.jsonl, the run's result, the console)
     on_error: Literal["raise", "skip"] = "raise"

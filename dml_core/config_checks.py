@@ -37,6 +37,8 @@ def validate(cfg: Config, source: str = "config") -> None:
                     ("train.weight_decay", cfg.train.weight_decay), ("ray.max_failures", cfg.ray.max_failures)):
         if v < 0:
             bad(name, f"must be >= 0, got {v}")
+    if cfg.data.train_classes is not None and cfg.data.train_classes < 2:
+        bad("data.train_classes", f"must be >= 2 (or null: all classes), got {cfg.data.train_classes}")
     if (cfg.data.p is None) != (cfg.data.k is None):
         bad("data.p", "and data.k must be set together (P x K sampling) or both left null")
     if cfg.loss.objective == "supervised" and cfg.data.p is None:

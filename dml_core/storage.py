@@ -10,6 +10,7 @@ pooled S3 connections.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import gc
 import io
@@ -225,6 +226,28 @@ def remove(url: str, recursive: bool = False) -> None:
             pass
 
     retrying(url, rm)
+
+
+def move(src: str, dst: str) -> None:
+    """Move the file or directory `src` to `dst` on the same storage (on S3 file by file: copy, then delete;
+    a retry moves what is left)."""
+    fs, path = filesystem(src)
+    _, target = filesystem(dst)
+    if is_local(src):
+        fs.mv(path, target, recursive=True)
+        return
+
+    def move_files() -> None:
+        fs.invalidate_cache(path)
+        folders = {path}
+        for f in fs.find(path):
+            fs.mv(f, target + f[len(path):])
+            folders.update(f[:i] for i in range(len(path), len(f)) if f[i] == "/")
+        for folder in sorted(folders, key=len, reverse=True):  # emptied folders some servers keep (SeaweedFS)
+            with contextlib.suppress(FileNotFoundError):
+                fs.rm_file(folder + "/")
+
+    retrying(src, move_files)
 
 
 class StorageFullError(OSError):

@@ -145,14 +145,17 @@ def backfill(config: ConfigArg, checkpoint: Checkpoint = None, sets: Sets = None
 
 
 @app.command()
-def evaluate(config: ConfigArg, checkpoint: Checkpoint = None, sets: Sets = None, debug: Debug = False) -> None:
+def evaluate(config: ConfigArg, checkpoint: Checkpoint = None,
+             old: Annotated[Optional[str], typer.Option(
+                 help="Old model's checkpoint folder to check compatibility with; default: the gallery model.")] = None,
+             sets: Sets = None, debug: Debug = False) -> None:
     """Evaluate a checkpoint: retrieval metrics, OPIS, compatibility with the gallery model, the gate."""
     with _errors(debug):
         _prepare(config, sets)
         from flows.stages import evaluate_flow
         from flows.summary import summary_table
 
-        row = evaluate_flow(config, list(sets or []), checkpoint=checkpoint)
+        row = evaluate_flow(config, list(sets or []), checkpoint=checkpoint, old=old)
         console = _console()
         console.print(summary_table([row], title="evaluation"))
         for reason in row.get("reasons") or []:

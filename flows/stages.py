@@ -81,11 +81,19 @@ def train_flow(config: str, overrides: list[str] | None = None) -> dict:
 
 
 @flow(name="evaluate", flow_run_name=run_name)
-def evaluate_flow(config: str, overrides: list[str] | None = None, checkpoint: str | None = None) -> dict:
-    """Evaluate a checkpoint (default the run's newest) against the registry's gallery model: the summary row,
-    its verdict the gate's (nothing is served)."""
+def evaluate_flow(config: str, overrides: list[str] | None = None, checkpoint: str | None = None,
+                  old: str | None = None) -> dict:
+    """Evaluate a checkpoint (default the run's newest) against the registry's gallery model, or against the
+    checkpoint `old`: the summary row, its verdict the gate's (nothing is served)."""
     cfg = with_version(load(config, overrides))
-    return evaluate_step(cfg, checkpoint or newest_checkpoint(cfg), current_gallery_model(cfg))["summary"]
+    old_model = current_gallery_model(cfg) if old is None else ModelRef(version=run_of(old), checkpoint=old)
+    return evaluate_step(cfg, checkpoint or newest_checkpoint(cfg), old_model)["summary"]
+
+
+def run_of(checkpoint: str) -> str:
+    """The run a checkpoint URL belongs to (`.../runs/<run>/checkpoints/<ckpt>`), else the folder's name."""
+    parts = checkpoint.rstrip("/").split("/")
+    return parts[-3] if len(parts) >= 3 and parts[-2] == "checkpoints" else parts[-1]
 
 
 @flow(name="backfill", flow_run_name=run_name)

@@ -16,7 +16,7 @@ export RAY_DISABLE_DOCKER_CPU_WARNING="${RAY_DISABLE_DOCKER_CPU_WARNING:-1}"
 export RAY_agent_register_timeout_ms="${RAY_agent_register_timeout_ms:-120000}"
 export RAY_raylet_start_wait_time_s="${RAY_raylet_start_wait_time_s:-120}"
 # the `ray` beside this environment's Python (a venv's bin dir), else the one on PATH
-RAY_BIN="${RAY_BIN:-$(command -v ray)}"
+RAY_BIN="${RAY_BIN:-$(command -v ray || true)}"
 if [ -z "$RAY_BIN" ]; then
   echo "ray-env.sh: the ray command is not installed (pip install 'ray[train]')" >&2
   exit 127

@@ -53,7 +53,8 @@ def plan(config: str, grid_items: list[str], seeds: int = 1, sets: list[str] | N
 
 
 def evaluate_trial(cfg: Config, checkpoint: str) -> dict:
-    """Evaluate `checkpoint` on the evaluation split; the report is written beside the run (its finish mark)."""
+    """Evaluate `checkpoint` on the evaluation split; the report (with the OPIS utility curves) is written beside
+    the run and is its finish mark."""
     from dml_core.metrics.evaluate import evaluate_embeddings
     from dml_core.training.embed import embed_with_config
     from dml_core.training.preflight import read_dataset
@@ -61,7 +62,7 @@ def evaluate_trial(cfg: Config, checkpoint: str) -> dict:
     z, labels, _ = embed_with_config(cfg, checkpoint, read_dataset(cfg))
     report = evaluate_embeddings(z, labels, meta={"run": cfg.run.name, "checkpoint": checkpoint, "split": "eval",
                                                   "dataset": cfg.data.dataset})
-    storage.write_bytes_atomic(report_url(cfg), report.to_json().encode())
+    storage.write_bytes_atomic(report_url(cfg), report.to_json(include_curves=True).encode())
     return report.to_dict()
 
 

@@ -19,9 +19,10 @@ import ray.train
 from dml_core import storage
 from dml_core.config import Config, ConfigError, config_from_dict
 from dml_core.data.manifest import ManifestError
-from dml_core.training.lease import LeaseLostError, RunLease
+from dml_core.training.lease import LEASE, LeaseLostError, RunLease
 from dml_core.training.loop import Worker, fit
 from dml_core.training.preflight import preflight
+from dml_core.training.resume_config import set_aside
 from dml_core.training.skipped import KEYS as SKIPPED_KEYS
 from dml_core.training.state import CHECKPOINTS, checkpoint_metrics, checkpoint_names, prune_checkpoints
 from tasks import ray_runtime
@@ -125,6 +126,10 @@ def run_training(cfg: Config, on_step: Callable[[int, int], None] | None = None,
     storage.use_retry_seconds(cfg.storage.retry_seconds)
     manifest = preflight(cfg)
     with RunLease.acquire(cfg.run_dir, cfg.run.lease_seconds) as lease:  # one writer: refused if held
+        if cfg.run.fresh_start:
+            moved = set_aside(cfg.run_dir, keep=(LEASE, f"{LEASE}.lock"))
+            if moved:
+                print(f"[train] run.fresh_start: the run's earlier files are now under {moved}", flush=True)
         result = _train(cfg, manifest, on_step, callbacks)
     if lease.lost:
         raise LeaseLostError(f"{lease.lost} while this run trained; check {cfg.run_dir} before using it")

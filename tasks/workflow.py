@@ -1,4 +1,4 @@
-"""The stages as Prefect tasks: I/O retried with exponential backoff; shard, train and evaluate cached on
+"""The stages as Prefect tasks: I/O retried with exponential backoff (never an error that would recur); shard, train and evaluate cached on
 content (dataset fingerprint, config hash, checkpoint hashes), never on tensors. A cached result whose
 outputs have gone from storage is recomputed (`run_cached`)."""
 from __future__ import annotations
@@ -9,7 +9,9 @@ from prefect import task
 from prefect.tasks import exponential_backoff
 
 from dml_core import storage
-from dml_core.config import Config
+from dml_core.storage import StorageFullError
+from dml_core.config import Config, ConfigError
+from dml_core.data.manifest import ManifestError
 from dml_core.data.sources.base import sha256_file, sha256_json
 from dml_core.gallery.gallery_model import gallery_name
 from dml_core.gallery.registry import ModelRef
@@ -17,8 +19,18 @@ from dml_core.metrics.gate import GateDecision
 from dml_core.training.embed import model_url
 from tasks import evaluate, events, publish, shard
 
+
+
+def would_recur(task, task_run, state) -> bool:
+    """Prefect's retry condition: retry a failed stage unless its error would come back (a bad config or
+    dataset, a full disk, a training run stopped for such an error)."""
+    from tasks.train import TrainingError
+
+    return not isinstance(state.data, (ConfigError, ManifestError, StorageFullError, TrainingError))
+
+
 IO_RETRIES = {"retries": 2, "retry_delay_seconds": exponential_backoff(backoff_factor=5),
-              "retry_jitter_factor": 0.5}
+              "retry_jitter_factor": 0.5, "retry_condition_fn": would_recur}
 
 
 def checkpoint_hash(checkpoint: str) -> str:
@@ -96,11 +108,13 @@ def _backfill(cfg: Config, checkpoint: str) -> dict:
 
 shard_task = task(shard.run_shard, name="shard", cache_key_fn=_shard_key, persist_result=True, **IO_RETRIES)
 train_task = task(_train, name="train", cache_key_fn=_train_key, persist_result=True, retries=1,
-                  retry_delay_seconds=exponential_backoff(backoff_factor=10))
+                  retry_delay_seconds=exponential_backoff(backoff_factor=10), retry_condition_fn=would_recur)
 evaluate_task = task(evaluate.run_evaluation, name="evaluate", cache_key_fn=_evaluate_key, persist_result=True,
                      **IO_RETRIES)
-update_task = task(_update, name="update", retries=1, retry_delay_seconds=exponential_backoff(backoff_factor=10))
-backfill_task = task(_backfill, name="backfill", retries=1, retry_delay_seconds=exponential_backoff(backoff_factor=10))
+update_task = task(_update, name="update", retries=1, retry_delay_seconds=exponential_backoff(backoff_factor=10),
+                   retry_condition_fn=would_recur)
+backfill_task = task(_backfill, name="backfill", retries=1, retry_delay_seconds=exponential_backoff(backoff_factor=10),
+                     retry_condition_fn=would_recur)
 publish_task = task(publish.publish, name="publish", **IO_RETRIES)
 
 

@@ -15,7 +15,7 @@ from typing import Iterable, Iterator
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dml_core.data.decode import SampleDecodeError, check_extensions, decode_label
-from dml_core.data.manifest import Manifest
+from dml_core.data.manifest import Manifest, SplitInfo
 from dml_core.data.pk_batches import PKBatcher
 from dml_core.data.shard_stream import (Batch, ErrorLog, check_on_error, check_rank, collate, decoder,
                                         iter_samples, merge_errors, shard_counts, shuffled, worker_init)
@@ -33,6 +33,13 @@ def worker_steps(steps: int, worker: int, num_workers: int) -> int:
     return steps // num_workers + (1 if worker < steps % num_workers else 0)
 
 
+def first_classes(info: SplitInfo, n: int | None) -> list[int]:
+    """The first `n` labels of a split, ascending (all when None): what `data.train_classes` trains on."""
+    if n is not None and not 1 <= n <= len(info.classes):
+        raise ValueError(f"data.train_classes={n}, but the split has {len(info.classes)} classes")
+    return info.labels[:n]
+
+
 def _sample_key(sample: dict) -> str:
     return sample["__key__"]
 
@@ -46,14 +53,14 @@ class TrainStream(IterableDataset):
     """The per-worker pipeline: shards -> samples -> shuffle buffer -> batches (-> decoded `Batch`).
 
     `num_classes`: classes in the shards with at least two samples (the manifest knows), so a `p` that
-    no batch can fill is refused when the stream is built."""
+    no batch can fill is refused when the stream is built. `classes`: keep only samples of these labels."""
 
     def __init__(self, urls: Iterable[str], *, rank: int, world_size: int, steps: int,
                  mode: str = "supervised", p: int | None = None, k: int | None = None,
                  batch_size: int | None = None, shuffle_buffer: int = 1000, pk_buffer: int | None = None,
                  image_size: int | None = None, channels: int | None = None, seed: int = 0,
                  on_error: str = "raise", endpoint_url: str | None = None, num_classes: int | None = None,
-                 counts: Iterable[int] | None = None):
+                 counts: Iterable[int] | None = None, classes: Iterable[int] | None = None):
         self.urls, self.endpoint_url = list(urls), endpoint_url
         if not self.urls:
             raise ValueError("no training shards")
@@ -70,6 +77,9 @@ class TrainStream(IterableDataset):
         if mode == "self_supervised" and (batch_size is None or batch_size < 1):
             raise ValueError("self_supervised mode needs batch_size >= 1")
         check_on_error(on_error)
+        self.classes = None if classes is None else frozenset(classes)
+        if self.classes is not None and not self.classes:
+            raise ValueError("classes is empty: no sample would ever be kept")
         self.rank, self.world_size, self.steps, self.mode = rank, world_size, steps, mode
         self.p, self.k, self.batch_size = p, k, batch_size
         self.shuffle_buffer, self.pk_buffer = shuffle_buffer, pk_buffer
@@ -110,6 +120,8 @@ class TrainStream(IterableDataset):
 
     def _groups(self, samples: Iterator[dict], rng: random.Random, errors: ErrorLog) -> Iterator[list]:
         if self.mode == "self_supervised":
+            if self.classes is not None:  # only then is the label read before decoding
+                samples = self._labelled(samples, errors)
             group, keys = [], set()
             for s in samples:
                 if s["__key__"] in keys:  # a resampled shard read twice: keep one copy per batch
@@ -124,17 +136,18 @@ class TrainStream(IterableDataset):
         yield from pk(self._labelled(samples, errors))
 
     def _labelled(self, samples: Iterator[dict], errors: ErrorLog) -> Iterator[dict]:
-        """Samples whose label can be read (P x K needs it before decoding the image)."""
+        """Samples whose label can be read (P x K needs it before decoding the image) and is in `classes`."""
         for s in samples:
             try:
                 check_extensions(s)
-                decode_label(s)
+                label = decode_label(s)
             except SampleDecodeError as exn:
                 if self.on_error == "raise":
                     raise
                 errors.samples.append(str(exn))
                 continue
-            yield s
+            if self.classes is None or label in self.classes:
+                yield s
 
 
 class TrainReader:
@@ -151,14 +164,17 @@ class TrainReader:
         self._next_epoch = 0
 
     @classmethod
-    def from_manifest(cls, manifest: Manifest, split: str = "train", **kw) -> "TrainReader":
-        """A reader of `split`'s shards, each checked against its manifest count as it is read; in
-        supervised mode a `p` the split can never fill fails here."""
+    def from_manifest(cls, manifest: Manifest, split: str = "train", train_classes: int | None = None,
+                      **kw) -> "TrainReader":
+        """A reader of `split`'s shards (of its first `train_classes` labels when set), each checked against
+        its manifest count as it is read; in supervised mode a `p` the split can never fill fails here."""
         info = manifest.split(split)
         shards = manifest.shards(split)
         try:
+            classes = first_classes(info, train_classes)
             return cls([u for u, _ in shards], counts=[c for _, c in shards],
-                       num_classes=info.classes_with_at_least(2), **kw)
+                       num_classes=sum(1 for c in classes if info.classes[c] >= 2),
+                       classes=None if train_classes is None else classes, **kw)
         except ValueError as e:
             raise ValueError(f"{e} (split {split!r} of {manifest.url})") from e
 

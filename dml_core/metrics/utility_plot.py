@@ -15,6 +15,26 @@ from dml_core.metrics.opis_result import OpisResult
 def utility_plot_png(result: OpisResult, title: str | None = None, max_classes: int = 2000, seed: int = 0,
                      dpi: int = 120) -> bytes:
     """Render the curves of `result` to PNG bytes (at most `max_classes` class lines, chosen at random)."""
+    return utility_plots_png([result], [title], max_classes, seed, dpi)
+
+
+def utility_plots_png(results: list[OpisResult], titles: list[str | None], max_classes: int = 2000, seed: int = 0,
+                      dpi: int = 120) -> bytes:
+    """The curves of several results side by side on one shared y axis (e.g. without and with TCM)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # here: importing matplotlib costs 0.2 s
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7 * len(results), 4.5))
+    FigureCanvasAgg(fig)
+    for i, (result, title) in enumerate(zip(results, titles), start=1):
+        _draw(fig.add_subplot(1, len(results), i), result, title, max_classes, seed)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    return buf.getvalue()
+
+
+def _draw(ax, result: OpisResult, title: str | None, max_classes: int, seed: int) -> None:
     if result.plot_thresholds is not None and len(result.plot_thresholds) > 1:
         t, cu, pu = result.plot_thresholds, result.plot_class_utility, result.plot_pooled_utility
     elif result.thresholds is not None:
@@ -24,12 +44,6 @@ def utility_plot_png(result: OpisResult, title: str | None = None, max_classes: 
     shown = np.arange(cu.shape[0])
     if len(shown) > max_classes:
         shown = np.sort(np.random.default_rng(seed).choice(shown, max_classes, replace=False))
-    from matplotlib.backends.backend_agg import FigureCanvasAgg  # here: importing matplotlib costs 0.2 s
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(7, 4.5))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
     alpha = float(np.clip(8.0 / np.sqrt(max(len(shown), 1)), 0.05, 0.6))
     for i in shown:
         ax.plot(t, cu[i], color="tab:blue", linewidth=0.6, alpha=alpha)
@@ -49,10 +63,6 @@ def utility_plot_png(result: OpisResult, title: str | None = None, max_classes: 
                  fontsize=11)
     ax.grid(True, alpha=0.3)
     ax.legend(loc="best", fontsize=8, framealpha=0.9)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)
-    return buf.getvalue()
 
 
 def save_utility_plot(result: OpisResult, url: str, **kwargs) -> str:

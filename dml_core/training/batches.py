@@ -27,7 +27,8 @@ def training_batches(cfg: "Config", manifest: "Manifest", rank: int, world_size:
         num_workers=cfg.data.loader_workers, endpoint_url=cfg.storage.endpoint_url, mode=cfg.loss.objective,
         p=cfg.data.p if supervised else None, k=cfg.data.k if supervised else None,
         batch_size=None if supervised else cfg.data.batch_size, image_size=cfg.model.image_size,
-        channels=cfg.model.in_channels, seed=cfg.train.seed, on_error=cfg.data.on_error)
+        channels=cfg.model.in_channels, seed=cfg.train.seed, on_error=cfg.data.on_error,
+        train_classes=cfg.data.train_classes)
     gen = torch.Generator(device=device).manual_seed(cfg.train.seed * 7919 + rank * 104729 + start)
     aug = AugmentConfig()
     for batch in reader.epoch(start):  # the epoch number reseeds the stream after a resume

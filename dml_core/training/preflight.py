@@ -10,6 +10,7 @@ import uuid
 from dml_core import storage
 from dml_core.config import Config, ConfigError
 from dml_core.data.manifest import Manifest, ManifestError
+from dml_core.data.train_reader import first_classes
 from dml_core.training.resume_config import check_resume_config
 
 
@@ -42,11 +43,16 @@ def check_data(cfg: Config, manifest: Manifest) -> None:
     train = manifest.split("train")
     if not train.count:
         raise ConfigError(f"data: dataset {manifest.url} has no training samples")
+    try:
+        labels = first_classes(train, cfg.data.train_classes)
+    except ValueError as e:
+        raise ConfigError(f"{e} (the training split of {manifest.url})") from e
     if cfg.loss.objective == "supervised":
-        usable = train.classes_with_at_least(2)
+        usable = sum(1 for c in labels if train.classes[c] >= 2)
+        among = "" if cfg.data.train_classes is None else f" among its first {len(labels)} (data.train_classes)"
         if cfg.data.p > usable:
             raise ConfigError(f"data.p={cfg.data.p} classes per batch, but the training split of {manifest.url} "
-                              f"has only {usable} classes with at least 2 samples")
+                              f"has only {usable} classes with at least 2 samples{among}")
     if cfg.loss.bct is not None:
         check_bct(cfg, manifest)
 

@@ -4,9 +4,12 @@ A run resumes from its newest checkpoint. Its saved `<run_dir>/config.yaml` says
 trained as; a new config that differs in the model, the loss, the data or the optimisation would continue
 another experiment under the old name (or fail to load the weights), so it is refused, listing the fields.
 `RESUMABLE_CHANGES` is the one list of fields that do not change what is trained; every other field,
-including fields added later, must stay equal. `run.allow_config_change: true` continues anyway.
+including fields added later, must stay equal. `run.allow_config_change: true` continues anyway;
+`run.fresh_start: true` sets the earlier attempt aside (`set_aside`) and starts over.
 """
 from __future__ import annotations
+
+import datetime as dt
 
 import yaml
 
@@ -37,7 +40,7 @@ def config_changes(saved: dict, new: dict) -> list[tuple[str, object, object]]:
 def check_resume_config(cfg: Config) -> None:
     """Raise `ConfigError` if `cfg` would resume a checkpoint of `cfg.run_dir` trained under other settings."""
     saved_url = storage.join(cfg.run_dir, "config.yaml")
-    if cfg.run.allow_config_change or not _has_checkpoint(cfg.run_dir) or not storage.exists(saved_url):
+    if cfg.run.allow_config_change or cfg.run.fresh_start or not _has_checkpoint(cfg.run_dir) or not storage.exists(saved_url):
         return
     saved = yaml.safe_load(storage.read_bytes(saved_url)) or {}
     changes = config_changes(saved, cfg.to_dict())
@@ -45,8 +48,20 @@ def check_resume_config(cfg: Config) -> None:
         listed = "\n".join(f"  {path}: saved {old!r}, new {now!r}" for path, old, now in changes)
         raise ConfigError(
             f"run {cfg.run_dir} has checkpoints trained with another config ({saved_url}); resuming would "
-            f"change what is trained:\n{listed}\nUse a new run.name to start afresh, or set "
-            f"run.allow_config_change: true to continue this run's checkpoint under the new values")
+            f"change what is trained:\n{listed}\nUse a new run.name or run.fresh_start: true to start afresh, or "
+            f"set run.allow_config_change: true to continue this run's checkpoint under the new values")
+
+
+def set_aside(run_dir: str, keep: tuple[str, ...] = ()) -> str | None:
+    """Move every entry of `run_dir` but `keep` (and earlier set-asides) to `<run_dir>/replaced-<UTC time>/`;
+    returns that URL, or None when there was nothing to move."""
+    names = [n for n in storage.list_names(run_dir) if n not in keep and not n.startswith("replaced-")]
+    if not names:
+        return None
+    target = storage.join(run_dir, f"replaced-{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S%fZ}")
+    for name in names:
+        storage.move(storage.join(run_dir, name), storage.join(target, name))
+    return target
 
 
 def _resumable(path: str) -> bool:

@@ -70,6 +70,8 @@ ray: {num_workers: 3, resources_per_worker: {CPU: 2}}
     ({"ray": {"temp_dir": "relative/ray"}}, "ray.temp_dir"),
     ({"ray": {"temp_dir": "/tmp/" + "x" * 40}}, "ray.temp_dir"),  # too long for Ray's socket paths
     ({"data": []}, "data"),
+    ({"data": {"train_classes": 1}}, "data.train_classes"),
+    ({"data": {"train_classes": 0}}, "data.train_classes"),
 ])
 def test_bad_values_name_the_field(raw, field):
     with pytest.raises(ConfigError) as e:

@@ -18,3 +18,17 @@ def test_the_gallery_model_without_a_gallery_model_names_the_field(prefect_api, 
     with pytest.raises(ConfigError, match=rf"{field}: gallery needs a gallery model.*'fmnist-tiny'"):
         train_flow(config, [setting])
     assert not os.path.exists(tmp_path / "storage" / "runs")  # nothing trained
+
+
+def test_an_error_that_would_recur_is_not_retried(prefect_api, tmp_path):
+    """No dataset sharded yet: the train task fails at its pre-flight with a ConfigError, once (its retry
+    would wait 10 s and fail the same way)."""
+    import time
+
+    from flows.stages import train_flow
+
+    config = write_config(str(tmp_path))
+    t0 = time.monotonic()
+    with pytest.raises(ConfigError, match="fmnist-tiny/deadbeef0000/manifest.json not found"):
+        train_flow(config, ["data.version=deadbeef0000"])
+    assert time.monotonic() - t0 < 10

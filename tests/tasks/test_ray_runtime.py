@@ -54,3 +54,20 @@ def test_the_outermost_session_shuts_down_the_ray_started_inside_it():
         assert ray.is_initialized()  # the caller's own Ray is left to the caller
     finally:
         ray.shutdown()
+
+
+def test_the_default_ray_temp_dir_is_short_stable_and_outside_the_run_root(tmp_path, monkeypatch):
+    import tempfile
+
+    from dml_core.config import RAY_TEMP_DIR_MAX_LEN, config_from_dict
+    from tasks.ray_runtime import ray_temp_dir
+
+    cfg = config_from_dict({"run": {"name": "r", "root": str(tmp_path / "root")}})
+    first = ray_temp_dir(cfg, cfg.run_dir)
+    assert first == ray_temp_dir(cfg, cfg.run_dir) != ray_temp_dir(cfg, cfg.run_dir + "-other")
+    assert os.path.dirname(first) == tempfile.gettempdir() and not first.startswith(cfg.run.root)
+    assert len(first) <= RAY_TEMP_DIR_MAX_LEN
+    monkeypatch.setattr(tempfile, "gettempdir", lambda: str(tmp_path / ("long" * 20)))
+    assert os.path.dirname(ray_temp_dir(cfg, cfg.run_dir)) == "/tmp"  # a long temp dir falls back to /tmp
+    cfg.ray.temp_dir = str(tmp_path / "mine")
+    assert ray_temp_dir(cfg, cfg.run_dir) == cfg.ray.temp_dir

@@ -129,3 +129,9 @@ def test_resuming_with_a_changed_embedding_dim_is_refused_and_a_longer_run_resum
     assert saved["model"]["embedding_dim"] == 32  # the saved config still describes the checkpoints
     longer = run_training(small_config(str(tmp_path), fmnist_shards, "grow", steps=6, train={"checkpoint_every": 4}))
     assert longer.final["start_step"] == 4 and longer.final["step"] == 6
+    wider.run.fresh_start = True  # the explicit override: the 32-dim run is set aside, the 48-dim one starts at 0
+    fresh = run_training(wider)
+    assert fresh.final["start_step"] == 0 and fresh.final["step"] == 4
+    (aside,) = [n for n in storage.list_names(first.run_dir) if n.startswith("replaced-")]
+    old = yaml.safe_load(storage.read_bytes(os.path.join(first.run_dir, aside, "config.yaml")))
+    assert old["model"]["embedding_dim"] == 32 and storage.exists(os.path.join(first.run_dir, aside, "checkpoints"))

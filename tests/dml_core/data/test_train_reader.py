@@ -112,3 +112,40 @@ def test_bad_arguments(dataset):
     _reader(manifest, p=6)  # exactly enough classes is fine
     with pytest.raises(ValueError, match="no training shards.*split 'gallery'"):
         _reader(manifest, split="gallery")
+
+
+@pytest.fixture
+def scattered(tmp_path):
+    """Training labels neither contiguous nor written in order, so "the first N" means sorted labels."""
+    root = str(tmp_path)
+    samples = write_dataset(root, {"train": ((7, 2, 9, 4, 11, 5), 6, 4), "eval": ((0, 1), 2, 1)})
+    return Manifest.read(root, NAME, VERSION), samples
+
+
+def _first_train_labels(samples, n):
+    return set(sorted({int(s["cls"]) for s in samples.values() if b'"split": "train"' in s["json"]})[:n])
+
+
+@pytest.mark.parametrize("mode", ["supervised", "self_supervised"])
+def test_train_classes_keeps_exactly_the_first_n_labels(scattered, mode):
+    manifest, samples = scattered
+    first = _first_train_labels(samples, 3)
+    assert first == {2, 4, 5} and first == set(manifest.split("train").labels[:3])
+    kw = {"p": 2, "k": 2} if mode == "supervised" else {"p": None, "k": None, "batch_size": 4}
+    reader = _reader(manifest, steps=12, num_workers=0, mode=mode, train_classes=3, **kw)
+    seen = Counter()
+    for b in reader:
+        _check_batch(b, samples)
+        seen.update(b.labels.tolist())
+    assert set(seen) == first and sum(seen.values()) == 12 * 4
+
+
+def test_train_classes_beyond_the_split_or_p_beyond_them_is_refused(scattered):
+    manifest, _ = scattered
+    with pytest.raises(ValueError, match=r"data\.train_classes=7, but the split has 6 classes \(split 'train' of "):
+        _reader(manifest, train_classes=7)
+    with pytest.raises(ValueError, match="p=3 classes per batch, but the stream has only 2 classes"):
+        _reader(manifest, p=3, train_classes=2)
+    _reader(manifest, p=6, train_classes=6)  # all of them is fine
+    with pytest.raises(ValueError, match="classes is empty"):
+        TrainStream(manifest.shard_urls("train"), rank=0, world_size=1, steps=1, p=2, k=2, classes=[])

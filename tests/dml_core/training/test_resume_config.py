@@ -2,10 +2,12 @@
 logging, placement, storage), against the saved config as `tasks/train.py` writes it."""
 from __future__ import annotations
 
+import pytest
 import yaml
 
+from dml_core import storage
 from dml_core.config import config_from_dict
-from dml_core.training.resume_config import RESUMABLE_CHANGES, config_changes
+from dml_core.training.resume_config import RESUMABLE_CHANGES, config_changes, set_aside
 
 
 def saved_and_new(**changes) -> tuple[dict, dict]:
@@ -50,3 +52,20 @@ def test_the_story_of_runs_may_change():
     saved, new = saved_and_new()
     new["runs"] = [{"name": "v1", "set": {}}, {"name": "v2", "set": {"train.steps": 5}}]
     assert config_changes(saved, new) == []
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_set_aside_moves_everything_but_the_kept_names(where, tmp_path, request):
+    root = str(tmp_path) if where == "local" else request.getfixturevalue("s3_server").url(f"aside-{tmp_path.name}")
+    run_dir = storage.join(root, "runs", "r")
+    files = {"config.yaml": b"a", "metrics.jsonl": b"b", "checkpoints/checkpoint_00000004/model.pt": b"c",
+             "lease.json": b"d"}
+    for name, data in files.items():
+        storage.write_bytes_atomic(storage.join(run_dir, name), data)
+    moved = set_aside(run_dir, keep=("lease.json",))
+    assert moved.startswith(storage.join(run_dir, "replaced-"))
+    assert storage.list_names(run_dir) == ["lease.json", moved.rsplit("/", 1)[-1]]
+    for name, data in files.items():
+        kept_or_moved = run_dir if name == "lease.json" else moved
+        assert storage.read_bytes(storage.join(kept_or_moved, name)) == data
+    assert set_aside(run_dir, keep=("lease.json",)) is None  # nothing left to move (earlier set-asides stay)
