@@ -40,7 +40,9 @@ def config_changes(saved: dict, new: dict) -> list[tuple[str, object, object]]:
 def check_resume_config(cfg: Config) -> None:
     """Raise `ConfigError` if `cfg` would resume a checkpoint of `cfg.run_dir` trained under other settings."""
     saved_url = storage.join(cfg.run_dir, "config.yaml")
-    if cfg.run.allow_config_change or cfg.run.fresh_start or not _has_checkpoint(cfg.run_dir) or not storage.exists(saved_url):
+    if cfg.run.allow_config_change or cfg.run.fresh_start:
+        return
+    if not _has_checkpoint(cfg.run_dir) or not storage.exists(saved_url):
         return
     saved = yaml.safe_load(storage.read_bytes(saved_url)) or {}
     changes = config_changes(saved, cfg.to_dict())

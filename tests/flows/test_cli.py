@@ -228,13 +228,13 @@ def test_each_stage_command_calls_its_flow(tmp_path, monkeypatch):
     config = write_config(tmp_path)
     runner = CliRunner()
     for args in (["shard", config], ["train", config, "--set", "train.steps=4"],
-                 ["backfill", config, "--checkpoint", "ck"], ["evaluate", config, "--checkpoint", "ck"],
+                 ["backfill", config, "--checkpoint", "ck"], ["evaluate", config, "--checkpoint", "ck", "--old", "o"],
                  ["serve", config, "--cron", "* * * * *"], ["status", config]):
         result = runner.invoke(app, args)
         assert result.exit_code == 0, (args, result.output)
     assert flows.calls == [("shard_flow", (config, []), {}), ("train_flow", (config, ["train.steps=4"]), {}),
                            ("backfill_flow", (config, []), {"checkpoint": "ck"}),
-                           ("evaluate_flow", (config, []), {"checkpoint": "ck"})]
+                           ("evaluate_flow", (config, []), {"checkpoint": "ck", "old": "o"})]
     assert serve.calls == [("serve", (config, "* * * * *", []), {})]
     assert status.calls == [("status_tables", (config, []), {})]
     assert "NFR 0 <= 0.02" in runner.invoke(app, ["evaluate", config]).stdout
