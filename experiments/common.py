@@ -7,7 +7,6 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 
 from dml_core import storage
@@ -87,15 +86,6 @@ def cell(ms: dict, digits: int = 4) -> str:
 def table(headers: list[str], rows: list[list[str]]) -> str:
     out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     return "\n".join(out + ["| " + " | ".join(r) + " |" for r in rows]) + "\n"
-
-
-class Timer:
-    def __enter__(self):
-        self.t0 = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        self.seconds = time.perf_counter() - self.t0
 
 
 def sweep(ctx: Context, config: str, name: str, grid: list[str], sets: list[str] = ()) -> list[dict]:
