@@ -5,14 +5,11 @@ from __future__ import annotations
 
 import os
 import statistics
-import subprocess
-import sys
-import time
 
 from dml_core import storage
 from dml_core.child_process import stop_groups
 from dml_core.training.metrics_log import read_metrics
-from experiments.common import REPO, Context, run_dir, table
+from experiments.common import Context, run_dir, table
 
 WARMUP = 20  # steps left out of the median
 TINY = ["train.steps=4", "train.log_every=1", "data.source.max_per_class=40"]
@@ -30,44 +27,23 @@ def _median_step_s(ctx: Context, run: str, global_batch: int) -> float:
 
 
 def _two_node_cluster(logs: str):
-    """Head and worker node of 1 CPU each on this machine, started by the infra scripts; (address, procs)."""
+    """Head and worker node of 1 CPU each on this machine, started by the infra scripts: (address, nodes, env)."""
+    from infra.ray_local import node_env, start_node, wait_for_nodes
     from infra.seaweedfs import free_port_pair  # a free port (and its neighbour, free too)
 
-    port = free_port_pair(set())
-    ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")  # this environment's, as `dml` uses its Ray
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_BIN": ray_bin}
-    env.pop("RAY_ADDRESS", None)
-    os.makedirs(logs, exist_ok=True)
-    head = subprocess.Popen(["bash", f"{REPO}/infra/ray-head.sh", f"--port={port}", "--num-cpus=1", "--num-gpus=0",
-                             f"--temp-dir=/tmp/dmlray-x{port}"], stdout=open(f"{logs}/head.log", "w"),
-                            stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    port, env = free_port_pair(set()), node_env()
     address = f"127.0.0.1:{port}"
-    procs = [head]
-    _wait_nodes(address, 1, env, procs)
-    procs.append(subprocess.Popen(["bash", f"{REPO}/infra/ray-worker.sh", address, "--num-cpus=1", "--num-gpus=0"],
-                                  stdout=open(f"{logs}/worker.log", "w"), stderr=subprocess.STDOUT, env=env,
-                                  start_new_session=True))
-    _wait_nodes(address, 2, env, procs)
-    return address, procs, env
-
-
-def _wait_nodes(address: str, n: int, env: dict, procs: list, timeout: float = 120.0) -> None:
-    code = ("import ray,sys; ray.init(address=sys.argv[1], logging_level='ERROR', log_to_driver=False); "
-            "print(sum(1 for x in ray.nodes() if x['Alive']))")
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if any(p.poll() is not None for p in procs):
-            stop_groups(procs, grace=5.0)
-            raise RuntimeError("a `ray start` of the local cluster exited; see its log under <results>/logs")
-        try:
-            out = subprocess.run([sys.executable, "-c", code, address], capture_output=True, text=True, env=env,
-                                 timeout=60)
-        except subprocess.TimeoutExpired:
-            continue
-        if out.returncode == 0 and out.stdout.strip().splitlines()[-1:] == [str(n)]:
-            return
-        time.sleep(1)
-    raise TimeoutError(f"the local Ray cluster at {address} did not reach {n} nodes in {timeout:.0f} s")
+    os.makedirs(logs, exist_ok=True)
+    nodes = [start_node("ray-head.sh", [f"--port={port}", "--num-cpus=1", "--num-gpus=0",
+                                        f"--temp-dir=/tmp/dmlray-x{port}"], f"{logs}/head.log", env)]
+    try:
+        wait_for_nodes(address, 1, nodes, logs)
+        nodes.append(start_node("ray-worker.sh", [address, "--num-cpus=1", "--num-gpus=0"], f"{logs}/worker.log", env))
+        wait_for_nodes(address, 2, nodes, logs)
+    except BaseException:
+        stop_groups([p for p, _ in nodes], grace=5.0)
+        raise
+    return address, nodes, env
 
 
 def bytes_per_step(params: int, global_batch: int, dim: int, workers: int, value_bytes: int = 4) -> dict:
@@ -104,13 +80,15 @@ def measure(ctx: Context) -> dict:
         out[name] = run
     if ctx.tiny:  # a two-node cluster run is tested in tests/tasks/test_train_recovery.py
         return out
-    address, procs, env = _two_node_cluster(os.path.join(ctx.out, "logs"))
+    address, nodes, env = _two_node_cluster(os.path.join(ctx.out, "logs"))
     try:  # a process of its own: this one holds the local Ray of the other commands
         ctx.dml("train", cfg_path, "--set", "run.name=scale-2n", "--set", f"ray.address={address}",
                 "--set", "ray.num_workers=2", *args, env=env)
         out["2 nodes"] = "scale-2n"
     finally:
-        stop_groups(procs, grace=10.0)
+        stop_groups([p for p, _ in nodes], grace=10.0)
+        for _, log in nodes:
+            log.close()
     return out
 
 

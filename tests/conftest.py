@@ -162,29 +162,13 @@ def tmpfs(tmp_path):
 # ---------------------------------------------------------------- Ray cluster -----------------
 # (owned by the training area)
 
-def _ray_env() -> dict:
-    # Explicit token auth (Ray >= 2.5x turns it on for local clusters when ~/.ray/auth_token exists,
-    # but a joining node only uses it when told), the same for the nodes and this driver.
-    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_USAGE_STATS_ENABLED="0", RAY_DISABLE_DOCKER_CPU_WARNING="1",
-               RAY_agent_register_timeout_ms="120000", RAY_raylet_start_wait_time_s="120")
-    env.pop("RAY_ADDRESS", None)
-    return env
-
-
 def _start_ray_node(script: str, args: list[str], log_path: str, env: dict):
-    """A node started by infra/<script> (ray-head.sh or ray-worker.sh), as on a real cluster."""
-    import shutil
-    import subprocess
+    from infra.ray_local import start_node
 
-    ray_bin = shutil.which("ray", path=os.path.dirname(__import__("sys").executable)) or shutil.which("ray")
-    if ray_bin is None:
-        pytest.skip("the `ray` command is not installed beside this Python")
-    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "infra", script)
-    log = open(log_path, "wb")
-    # The script execs `ray start --block`, so the node stays in the foreground; its own process group lets
-    # teardown stop exactly these nodes (never `ray stop`, which would kill every Ray process on a shared machine).
-    return subprocess.Popen(["bash", script, *args], stdout=log, stderr=subprocess.STDOUT,
-                            env={**env, "RAY_BIN": ray_bin}, start_new_session=True), log
+    try:
+        return start_node(script, args, log_path, env)
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
 
 
 @pytest.fixture
@@ -198,12 +182,14 @@ def ray_cluster(tmp_path_factory):
 
     import ray
 
+    from infra.ray_local import node_env, wait_for_nodes
+
     if ray.is_initialized():
         ray.shutdown()
     logs = tmp_path_factory.mktemp("ray_cluster")
     port = free_port()
     address = f"127.0.0.1:{port}"
-    env = _ray_env()
+    env = node_env()
     temp_dir = f"/tmp/dmlray-c{port}"  # short: Unix socket paths are limited to ~107 bytes
     head, head_log = _start_ray_node("ray-head.sh", [f"--port={port}", "--num-cpus=1", "--num-gpus=0",
                                                      f"--temp-dir={temp_dir}"], str(logs / "head.log"), env)
@@ -211,10 +197,10 @@ def ray_cluster(tmp_path_factory):
     old_mode = os.environ.get("RAY_AUTH_MODE")
     _set_ray_auth_mode("token")
     try:
-        _wait_for_nodes(address, 1, nodes, logs)
+        wait_for_nodes(address, 1, nodes, logs)
         nodes.append(_start_ray_node("ray-worker.sh", [address, "--num-cpus=1", "--num-gpus=0"],
                                      str(logs / "worker.log"), env))
-        _wait_for_nodes(address, 2, nodes, logs)
+        wait_for_nodes(address, 2, nodes, logs)
         yield address
     finally:
         if ray.is_initialized():
@@ -236,27 +222,6 @@ def _set_ray_auth_mode(mode: str | None) -> None:
     from ray._raylet import Config
 
     Config.initialize("")
-
-
-def _wait_for_nodes(address: str, n: int, nodes: list, logs, timeout: float = 90.0) -> None:
-    """Poll the cluster (in a subprocess, so this process stays unconnected) until `n` nodes are alive."""
-    import subprocess
-    import sys
-    import time
-
-    code = ("import ray,sys; ray.init(address=sys.argv[1], logging_level='ERROR', log_to_driver=False); "
-            "print(sum(1 for x in ray.nodes() if x['Alive']))")
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for proc, _ in nodes:
-            if proc.poll() is not None:
-                raise RuntimeError(f"a `ray start` process exited with {proc.returncode}; logs in {logs}")
-        out = subprocess.run([sys.executable, "-c", code, address], capture_output=True, text=True,
-                             env=_ray_env(), timeout=60)
-        if out.returncode == 0 and out.stdout.strip().splitlines()[-1:] == [str(n)]:
-            return
-        time.sleep(1)
-    raise TimeoutError(f"Ray cluster at {address} did not reach {n} nodes in {timeout}s; logs in {logs}")
 
 
 @pytest.fixture(scope="module")
