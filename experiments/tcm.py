@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from dml_core.config import load_config, parse_overrides
 from dml_core.metrics.opis_result import OpisResult
 from dml_core.metrics.utility_plot import utility_plots_png
 from experiments.common import Context, cell, mean_std, sweep, table
@@ -13,7 +14,7 @@ ARMS = {"without TCM": "{lambda_pos: 0, lambda_neg: 0}", "with TCM": "{lambda_po
 DATASETS = {"fmnist": "tcm_fmnist.yaml", "fonts": "tcm_fonts.yaml"}
 METRICS = (("Recall@1", "recall_at_1"), ("MAP@R", "map_at_r"), ("OPIS", "opis"), ("eps-OPIS", "eps_opis"))
 TINY = ["train.steps=4", "train.log_every=2", "data.source.max_per_class=40"]
-TINY_FONTS = ["train.steps=4", "train.log_every=2", "data.source.max_classes=40", "data.p=8", "data.batch_size=32"]
+TINY_FONTS = ["data.source.max_classes=40", "data.p=8", "data.batch_size=32"]  # tiny mode only loads this config
 
 
 def arm_of(row: dict) -> str:
@@ -59,8 +60,10 @@ def run(ctx: Context) -> dict:
     grid = ["loss.tcm=" + ",".join(ARMS.values())]
     result, md = {"datasets": {}}, ["# Experiment 1: threshold consistency (TCM)", ""]
     for name, config in DATASETS.items():
-        sets = (TINY_FONTS if name == "fonts" else TINY) if ctx.tiny else []
-        rows = sweep(ctx, config, f"tcm-{name}", grid, sets)
+        if ctx.tiny and name == "fonts":  # a config that no longer loads fails; the fmnist sweep runs the code
+            load_config(ctx.config(config), parse_overrides(TINY_FONTS))
+            continue
+        rows = sweep(ctx, config, f"tcm-{name}", grid, TINY if ctx.tiny else [])
         summary = {arm: {key: mean_std(r[key] for r in rows if arm_of(r) == arm) for _, key in METRICS}
                    for arm in ARMS}
         first = {arm: next(r for r in rows if arm_of(r) == arm) for arm in ARMS}

@@ -104,12 +104,13 @@ class TrainStream(IterableDataset):
         n = worker_steps(self.steps, worker, num_workers)
         rng = part_rng(self.seed, self.epoch, self.rank, worker)
         errors = ErrorLog()
-        samples = iter_samples(resampled(self.part_urls(worker, num_workers), rng), self.on_error, errors,
-                               endpoint_url=self.endpoint_url, counts=self.counts)
+        part = self.part_urls(worker, num_workers)
+        samples = iter_samples(resampled(part, rng), self.on_error, errors, endpoint_url=self.endpoint_url,
+                               counts=self.counts)
         samples = shuffled(samples, self.shuffle_buffer, rng)
         decode = decoder(self.image_size, self.channels, self.on_error, errors)
         made = 0
-        for group in self._groups(samples, rng, errors):
+        for group in self._groups(samples, rng, errors, part):
             if made == n:
                 return
             decoded = [decode(s) for s in group]
@@ -118,10 +119,11 @@ class TrainStream(IterableDataset):
             yield collate(decoded, errors)
             made += 1
 
-    def _groups(self, samples: Iterator[dict], rng: random.Random, errors: ErrorLog) -> Iterator[list]:
+    def _groups(self, samples: Iterator[dict], rng: random.Random, errors: ErrorLog, part: list[str]
+                ) -> Iterator[list]:
         if self.mode == "self_supervised":
             if self.classes is not None:  # only then is the label read before decoding
-                samples = self._labelled(samples, errors)
+                samples = self._labelled(samples, errors, part)
             group, keys = [], set()
             for s in samples:
                 if s["__key__"] in keys:  # a resampled shard read twice: keep one copy per batch
@@ -133,10 +135,14 @@ class TrainStream(IterableDataset):
                     group, keys = [], set()
             return
         pk = PKBatcher(self.p, self.k, buffer_size=self.pk_buffer, seed=rng.randrange(2**31), key_fn=_sample_key)
-        yield from pk(self._labelled(samples, errors))
+        yield from pk(self._labelled(samples, errors, part))
 
-    def _labelled(self, samples: Iterator[dict], errors: ErrorLog) -> Iterator[dict]:
-        """Samples whose label can be read (P x K needs it before decoding the image) and is in `classes`."""
+    def _labelled(self, samples: Iterator[dict], errors: ErrorLog, part: list[str]) -> Iterator[dict]:
+        """Samples whose label can be read (P x K needs it before decoding the image) and is in `classes`.
+        The stream is endless, so a part whose shards hold none of `classes` is refused after ten passes' worth
+        of samples (when the shard counts are known) instead of waiting forever."""
+        patience = None if self.counts is None else 10 * sum(self.counts[u] for u in part)
+        dropped = 0
         for s in samples:
             try:
                 check_extensions(s)
@@ -147,7 +153,15 @@ class TrainStream(IterableDataset):
                 errors.samples.append(str(exn))
                 continue
             if self.classes is None or label in self.classes:
+                dropped = 0
                 yield s
+                continue
+            dropped += 1
+            if patience is not None and dropped > patience:
+                raise ValueError(
+                    f"rank {self.rank}: none of {dropped} samples read from its {len(part)} shard(s) ({part[0]}, ...) "
+                    f"is of the {len(self.classes)} classes it trains on (data.train_classes); "
+                    "use fewer workers or data.loader_workers, or more classes")
 
 
 class TrainReader:

@@ -42,6 +42,7 @@ def test_tcm_tables_match_each_trials_report_and_metrics_log(tiny):
     root, out = tiny
     result = _result(out, "tcm")
     assert result["commands"][0].startswith("dml shard ") and result["commands"][1].startswith("dml sweep ")
+    assert set(result["datasets"]) == {"fmnist"}  # tiny mode only loads the font-glyph config
     for name, data in result["datasets"].items():
         assert len(data["trials"]) == 2  # one seed, two arms
         for trial in data["trials"]:

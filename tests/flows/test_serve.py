@@ -1,5 +1,5 @@
 """Scheduled serving against a real local Prefect server: `serve` starts the server, a cron schedule (every
-minute) starts real flow runs, one at a time, and SIGTERM or SIGINT stops everything it started, a flow run
+minute; every 15 s in the overlap test) starts real flow runs, one at a time, and SIGTERM or SIGINT stops everything it started, a flow run
 in progress too.
 
 `dml serve` serves the real retrain flow; the overlap test serves tests/flows/_tiny_flow.py (the retrain
@@ -26,12 +26,19 @@ pytestmark = pytest.mark.slow
 ENTRYPOINT = "tests.flows._tiny_flow:tiny_flow"
 
 
-def _start_serve(tmp_path, sleep: float) -> tuple[subprocess.Popen, str]:
+def _serve_env(tmp_path, **extra: str) -> dict:
+    """serve's environment: no Prefect API (serve starts its own server), and that server's scheduler and the
+    runner polling every 2 s instead of every 60 s and 10 s, so a tick's run starts within seconds of it."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    return {**env, "PYTHONPATH": REPO, "HOME": str(tmp_path), "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2",
+            "PREFECT_RUNNER_POLL_FREQUENCY": "2", **extra}
+
+
+def _start_serve(tmp_path, sleep: float, cron: str) -> tuple[subprocess.Popen, str]:
     root, config = tmp_path / "root", tmp_path / "serve.yaml"
     config.write_text(f"run: {{name: nightly, root: {root}}}\n")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(PYTHONPATH=REPO, DML_TINY_FLOW_SLEEP=str(sleep), HOME=str(tmp_path))
-    code = (f"from flows.serve import serve; serve({str(config)!r}, '* * * * *', ['train.steps=3'], "
+    env = _serve_env(tmp_path, DML_TINY_FLOW_SLEEP=str(sleep))
+    code = (f"from flows.serve import serve; serve({str(config)!r}, {cron!r}, ['train.steps=3'], "
             f"entrypoint={ENTRYPOINT!r})")
     log = tmp_path / "serve.log"
     with open(log, "wb") as out:
@@ -108,11 +115,11 @@ def _wait_for_cancelled_tick(proc: subprocess.Popen, log: str, running: str, tim
 
 
 def test_runs_never_overlap_and_sigint_during_a_run_cancels_it_leaving_no_process(tmp_path):
-    proc, log = _start_serve(tmp_path, sleep=600)
+    proc, log = _start_serve(tmp_path, sleep=600, cron="* * * * * */15")  # croniter's sixth field: every 15 s
     watch = DescendantWatch(proc.pid)
     started = _wait_for(proc, log, str(tmp_path / "root" / "tiny-runs" / "*.started.json"), timeout=300)
     run = json.load(open(started))
-    # the next minute's tick comes while this run sleeps: cancelled, never started
+    # the next tick comes while this run sleeps: cancelled, never started
     tick = _wait_for_cancelled_tick(proc, log, run["flow_run"], timeout=150)
     assert datetime.fromisoformat(tick["expected_start_time"]) > datetime.fromisoformat(run["scheduled_start"])
     assert glob.glob(str(tmp_path / "root" / "tiny-runs" / "*")) == [started]
@@ -147,8 +154,7 @@ def test_dml_serve_runs_the_retrain_flow_from_cron_as_a_run_of_its_own(tmp_path)
 
     root = tmp_path / "root"
     config = write_config(str(tmp_path), run={"name": "nightly", "root": str(root)}, train={"steps": 600})
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(PYTHONPATH=REPO, HOME=str(tmp_path))
+    env = _serve_env(tmp_path)
     log = tmp_path / "serve.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen([*dml_command(), "serve", config, "--cron", "* * * * *", "--set", "train.steps=10"],

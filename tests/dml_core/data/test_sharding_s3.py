@@ -92,7 +92,8 @@ def test_s3_killed_during_sharding_leaves_no_manifest_and_a_rerun_completes(tmp_
     root = server.url("killed")
     try:
         proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, root, str(tmp_path)], cwd=REPO,
-                                stderr=subprocess.PIPE, env={**os.environ, **server.client_env()})
+                                stderr=subprocess.PIPE, env={**os.environ, **server.client_env(),
+                                                             "DML_STORAGE_RETRY_SECONDS": "5"})  # a short outage window
         deadline = time.monotonic() + 120
         while not (tmp_path / "ready").exists():  # 3 train shards are on S3 and the writer waits
             assert proc.poll() is None, "sharding ended before the server could be killed"

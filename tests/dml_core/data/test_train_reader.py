@@ -149,3 +149,21 @@ def test_train_classes_beyond_the_split_or_p_beyond_them_is_refused(scattered):
     _reader(manifest, p=6, train_classes=6)  # all of them is fine
     with pytest.raises(ValueError, match="classes is empty"):
         TrainStream(manifest.shard_urls("train"), rank=0, world_size=1, steps=1, p=2, k=2, classes=[])
+
+
+def test_a_part_whose_shards_hold_none_of_the_classes_is_refused_not_waited_on(tmp_path):
+    """Four shards of one label each, four ranks, the first two labels: two ranks read shards of only the other
+    labels; they fail naming data.train_classes instead of resampling forever."""
+    write_dataset(str(tmp_path), {"train": (range(4), 1, 4)})  # dealt round robin: shard i holds label i
+    manifest = Manifest.read(str(tmp_path), NAME, VERSION)
+    kw = {"mode": "self_supervised", "p": None, "k": None, "batch_size": 1, "num_workers": 0, "train_classes": 2}
+    outcomes = []
+    for rank in range(4):
+        try:
+            outcomes.append({int(x) for b in _reader(manifest, rank=rank, world_size=4, steps=5, **kw)
+                             for x in b.labels})
+        except ValueError as e:
+            assert f"rank {rank}: none of 11 samples read from its 1 shard(s)" in str(e)
+            assert "data.train_classes" in str(e)
+            outcomes.append("refused")
+    assert sorted(map(str, outcomes)) == ["refused", "refused", "{0}", "{1}"]
