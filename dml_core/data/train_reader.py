@@ -14,6 +14,7 @@ from typing import Iterable, Iterator
 
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from dml_core.config import ConfigError
 from dml_core.data.decode import SampleDecodeError, check_extensions, decode_label
 from dml_core.data.manifest import Manifest, SplitInfo
 from dml_core.data.pk_batches import PKBatcher
@@ -158,10 +159,10 @@ class TrainStream(IterableDataset):
                 continue
             dropped += 1
             if patience is not None and dropped > patience:
-                raise ValueError(
+                raise ConfigError(  # a setting, not a fault: retrying the run would only fail again
                     f"rank {self.rank}: none of {dropped} samples read from its {len(part)} shard(s) ({part[0]}, ...) "
                     f"is of the {len(self.classes)} classes it trains on (data.train_classes); "
-                    "use fewer workers or data.loader_workers, or more classes")
+                    "use fewer ray.num_workers or data.loader_workers, or more classes")
 
 
 class TrainReader:

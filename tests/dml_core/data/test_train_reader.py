@@ -3,6 +3,7 @@ from collections import Counter
 import pytest
 import torch
 
+from dml_core.config import ConfigError
 from dml_core.data.augment import AugmentConfig, two_views
 from dml_core.data.manifest import Manifest
 from dml_core.data.shard_stream import ShardReadError
@@ -162,7 +163,7 @@ def test_a_part_whose_shards_hold_none_of_the_classes_is_refused_not_waited_on(t
         try:
             outcomes.append({int(x) for b in _reader(manifest, rank=rank, world_size=4, steps=5, **kw)
                              for x in b.labels})
-        except ValueError as e:
+        except ConfigError as e:  # a setting, not a fault: Ray does not retry the run
             assert f"rank {rank}: none of 11 samples read from its 1 shard(s)" in str(e)
             assert "data.train_classes" in str(e)
             outcomes.append("refused")
