@@ -1,4 +1,5 @@
-"""Embedding with the config's reading options inside a workflow's process."""
+"""Loader workers inside a flow run (here, not under tests/dml_core: a flow run in this process would break
+every later test that forks loader workers, as it broke the evaluation stage)."""
 from __future__ import annotations
 
 import pytest
