@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
@@ -189,8 +190,13 @@ def decoder(image_size: int | None, channels: int | None, on_error: str,
 
 
 def worker_init(worker_id: int) -> None:
-    """A DataLoader `worker_init_fn`: one compute thread per loader worker."""
+    """A DataLoader `worker_init_fn`: one compute thread per loader worker, and none of the thread at-exit hooks
+    a forked worker inherits: they belong to the parent's threads, which the child does not have (Prefect 3.8's
+    service hooks assert there, so a worker forked after a flow run would exit with code 1 and fail the loader)."""
     torch.set_num_threads(1)
+    inherited = getattr(threading, "_threading_atexits", None)  # CPython's list behind threading._register_atexit
+    if inherited is not None:
+        inherited.clear()
 
 
 def merge_errors(batches: Iterable[Batch], into: ErrorLog) -> Iterator[Batch]:

@@ -87,7 +87,7 @@ def embed_batches(model: torch.nn.Module, batches: Iterable, device: torch.devic
 def embed_split(checkpoint: "str | EmbeddingModel", manifest: "Manifest", split: str, *, rank: int = 0,
                 world_size: int = 1, batch_size: int = 256, num_workers: int = 0,
                 device: torch.device | str = "cpu", endpoint_url: str | None = None,
-                on_error: str = "raise", multiprocessing_context: str | None = None) -> Embeddings:
+                on_error: str = "raise") -> Embeddings:
     """Embed `split` of `manifest` with a checkpoint (its URL, or an already loaded model), every item once.
 
     With `world_size > 1` this rank embeds only its share (disjoint shares that cover the split). Images
@@ -99,18 +99,13 @@ def embed_split(checkpoint: "str | EmbeddingModel", manifest: "Manifest", split:
     spec = getattr(model, "spec", {}) or {}
     reader = EvalReader.from_manifest(manifest, split, rank=rank, world_size=world_size, batch_size=batch_size,
                                       num_workers=num_workers, endpoint_url=endpoint_url, on_error=on_error,
-                                      image_size=spec.get("image_size"), channels=spec.get("in_channels"),
-                                      multiprocessing_context=multiprocessing_context)
+                                      image_size=spec.get("image_size"), channels=spec.get("in_channels"))
     return embed_batches(model.to(device), reader, device)
 
 
 def embed_with_config(cfg: "Config", checkpoint: str, manifest: "Manifest", split: str = "eval") -> Embeddings:
     """`embed_split` in one process with the config's reading options (batch size, loader workers, endpoint,
-    `data.on_error`): how the evaluation, the gate and a sweep's trials embed a split.
-
-    Loader workers start from a forkserver, not by forking this process: it is a workflow's process, with
-    threads and at-exit hooks a forked worker must not inherit (a worker forked after a Prefect flow run
-    fails at exit on Prefect's service hooks, and the loader with it)."""
+    `data.on_error`): how the evaluation, the gate and a sweep's trials embed a split."""
     return embed_split(checkpoint, manifest, split, batch_size=cfg.data.eval_batch_size,
                        num_workers=cfg.data.loader_workers, endpoint_url=cfg.storage.endpoint_url,
-                       on_error=cfg.data.on_error, multiprocessing_context="forkserver")
+                       on_error=cfg.data.on_error)

@@ -1,5 +1,4 @@
-"""Loader workers inside a flow run (here, not under tests/dml_core: a flow run in this process would break
-every later test that forks loader workers, as it broke the evaluation stage)."""
+"""Loader workers forked inside a flow run's process."""
 from __future__ import annotations
 
 import pytest
@@ -9,9 +8,9 @@ pytestmark = pytest.mark.slow
 
 
 def test_loader_workers_in_a_flow_run_embed_exactly_as_the_flow_process_alone(prefect_api, tmp_path, fmnist_shards):
-    """A loader worker forked from a process that has run a Prefect flow fails at exit (it inherits Prefect's
-    service at-exit hooks), so `data.loader_workers` broke the evaluation stage; workers now start from a
-    forkserver and embed what the process embeds alone."""
+    """A loader worker forked from a process that has run a Prefect flow failed at exit (it inherited Prefect's
+    service at-exit hooks), so `data.loader_workers` broke the evaluation stage; workers now drop those hooks
+    (`shard_stream.worker_init`) and embed what the process embeds alone."""
     from prefect import flow
 
     from dml_core.models.checkpoint import save_model
