@@ -167,10 +167,12 @@ class BackfillSection:
 
 @dataclass
 class GateSection:
-    """METHODS 6: when may a new model query the old gallery's index without a backfill."""
-    metric: Literal["recall_at_1", "map_at_r"] = "recall_at_1"  # the M of the criterion and the gain
+    """METHODS 6: is a new model worth serving (above the raw-pixel floor, better than what is served), and
+    may it query the old gallery's index without a backfill."""
+    metric: Literal["recall_at_1", "map_at_r"] = "recall_at_1"  # the M of the criterion, the gain and the floor
     max_nfr: float = 0.02  # negative flip rate of new queries against the old gallery
     min_gain: float = 0.0  # metric(new, old) - metric(old, old)
+    min_improvement: float = 0.0  # each setting served must beat what is served today by this much, else rejected
 
 
 @dataclass

@@ -18,8 +18,8 @@ SWEEPS = "sweeps"  # <run.root>/sweeps/<sweep name>/
 REPORT_FILE = "sweep_report.json"  # <run dir>/sweep_report.json: the trial's evaluation report
 TABLE_JSON, TABLE_MD = "trials.json", "trials.md"
 SEED_KEY = "train.seed"
-METRICS = (("Recall@1", "recall_at_1"), ("Recall@5", "recall_at_5"), ("MAP@R", "map_at_r"), ("OPIS", "opis"),
-           ("eps-OPIS", "eps_opis"))
+METRICS = (("Recall@1", "recall_at_1"), ("floor R@1", "floor_recall_at_1"), ("Recall@5", "recall_at_5"),
+           ("MAP@R", "map_at_r"), ("floor MAP@R", "floor_map_at_r"), ("OPIS", "opis"), ("eps-OPIS", "eps_opis"))
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -105,8 +105,11 @@ def _slug(value) -> str:
 
 
 def trial_row(trial: Trial, run: str, report: dict) -> dict:
-    """The table row of one finished trial from its evaluation report (`EvaluationReport.to_dict()`)."""
-    metrics = {**(report.get("retrieval") or {}), **(report.get("opis") or {})}
+    """The table row of one finished trial from its evaluation report (`EvaluationReport.to_dict()`), with the
+    raw-pixel floor of the same split beside its Recall@1 and MAP@R."""
+    floor = report.get("floor") or {}
+    metrics = {**(report.get("retrieval") or {}), **(report.get("opis") or {}),
+               "floor_recall_at_1": (floor.get("recall_at_k") or {}).get("1"), "floor_map_at_r": floor.get("map_at_r")}
     row = {"trial": trial.key, "run": run, "seed": trial.seed, "values": dict(trial.values)}
     row.update({name: metrics.get(name) for _, name in METRICS})
     row["checkpoint"] = (report.get("meta") or {}).get("checkpoint")

@@ -1,16 +1,17 @@
-"""The retrain flow: shard -> train -> evaluate against the registry's gallery model -> gate -> register the
-new query model (backfill-free) or backfill, index and switch -> publish (summary row, artifacts)."""
+"""The retrain flow: shard -> train -> evaluate against what the registry serves and the raw-pixel floor ->
+gate -> reject (nothing changes), register the new query model (backfill-free) or backfill, index and switch
+-> publish (summary row, artifacts)."""
 from __future__ import annotations
 
 from prefect import flow
 
-from dml_core.gallery.gallery_model import current_gallery_model
+from dml_core.gallery.gallery_model import current_serving
 from flows.stages import evaluate_step, load, run_name, shard_step, train_step
 from tasks.ray_runtime import ray_session
 from tasks.shard import with_version
 from tasks.workflow import publish_task, update_task
 
-VERDICTS = {"first": "first model", "query_model": "compatible", "switch": "backfill"}
+VERDICTS = {"first": "first model", "query_model": "compatible", "switch": "backfill", "rejected": "rejected"}
 
 
 @flow(name="retrain", flow_run_name=run_name)
@@ -18,10 +19,10 @@ def retrain_flow(config: str, overrides: list[str] | None = None) -> dict:
     """One scheduled retrain of `run.name`; returns its summary row (also in its evaluation/summary.json)."""
     cfg = load(config, overrides)
     cfg = with_version(cfg, shard_step(cfg)["version"])
-    old = current_gallery_model(cfg)
+    old, served = current_serving(cfg)
     with ray_session():
         trained = train_step(cfg)
-        evaluation = evaluate_step(cfg, trained["checkpoint"], old)
-        update = update_task(cfg, trained["checkpoint"], evaluation["metrics"]["gate"], old)
+        evaluation = evaluate_step(cfg, trained["checkpoint"], old, served)
+        update = update_task(cfg, trained["checkpoint"], evaluation["metrics"]["gate"], old, served)
     return publish_task(evaluation, cfg.gate.metric, VERDICTS[update["action"]], update["backfill"],
                         evaluation["summary"]["reasons"])

@@ -8,7 +8,7 @@ from prefect import flow
 from dml_core import storage
 from dml_core.config import Config, load_config, parse_overrides
 from dml_core.data.layout import MANIFEST_FILE
-from dml_core.gallery.gallery_model import current_gallery_model, resolve_gallery_checkpoints
+from dml_core.gallery.gallery_model import current_serving, resolve_gallery_checkpoints
 from dml_core.gallery.registry import ModelRef
 from tasks.ray_runtime import ray_session
 from tasks.shard import with_version
@@ -50,9 +50,9 @@ def train_step(cfg: Config) -> dict:
     return out
 
 
-def evaluate_step(cfg: Config, checkpoint: str, old: ModelRef | None) -> dict:
+def evaluate_step(cfg: Config, checkpoint: str, old: ModelRef | None, served: ModelRef | None = None) -> dict:
     out, _ = run_cached(evaluate_task, lambda r: storage.exists(r["files"]["summary"]), cfg=cfg,
-                        checkpoint=checkpoint, old=old)
+                        checkpoint=checkpoint, old=old, served=served)
     return out
 
 
@@ -83,11 +83,14 @@ def train_flow(config: str, overrides: list[str] | None = None) -> dict:
 @flow(name="evaluate", flow_run_name=run_name)
 def evaluate_flow(config: str, overrides: list[str] | None = None, checkpoint: str | None = None,
                   old: str | None = None) -> dict:
-    """Evaluate a checkpoint (default the run's newest) against the registry's gallery model, or against the
+    """Evaluate a checkpoint (default the run's newest) against what the registry serves, or against the
     checkpoint `old`: the summary row, its verdict the gate's (nothing is served)."""
     cfg = with_version(load(config, overrides))
-    old_model = current_gallery_model(cfg) if old is None else ModelRef(version=run_of(old), checkpoint=old)
-    return evaluate_step(cfg, checkpoint or newest_checkpoint(cfg), old_model)["summary"]
+    if old is None:
+        old_model, served = current_serving(cfg)
+    else:
+        old_model, served = ModelRef(version=run_of(old), checkpoint=old), None
+    return evaluate_step(cfg, checkpoint or newest_checkpoint(cfg), old_model, served)["summary"]
 
 
 def run_of(checkpoint: str) -> str:

@@ -1,5 +1,6 @@
 """`dml status CONFIG`: what serves now (the registry, per gallery) and the last retrain runs with their gate
-verdicts (each run's `<run.root>/runs/<run>/evaluation/summary.json`, newest first), as rich tables."""
+verdicts and their Recall@1 / MAP@R beside the raw-pixel floor's (each run's
+`<run.root>/runs/<run>/evaluation/summary.json`, newest first), as rich tables."""
 from __future__ import annotations
 
 import json
@@ -54,14 +55,17 @@ def last_runs(root: str) -> list[dict]:
 def runs_table(root: str, limit: int = 20) -> Table:
     rows = last_runs(root)
     table = Table(title=f"Last runs ({storage.join(root, 'runs')})")
-    for column, justify in (("run", "left"), ("verdict", "left"), ("backfill", "left"), ("recall@1", "right"),
-                            ("NFR", "right"), ("finished", "left")):
+    for column, justify in (("run", "left"), ("verdict", "left"), ("backfill", "left"), ("Recall@1", "right"),
+                            ("floor R@1", "right"), ("MAP@R", "right"), ("floor MAP@R", "right"), ("NFR", "right"),
+                            ("finished", "left")):
         table.add_column(column, justify=justify)
     for row in rows[:limit]:
         backfill = row.get("backfill")
-        table.add_row(str(row.get("run", "?")), str(row.get("verdict") or "-"),
-                      "-" if backfill is None else ("yes" if backfill else "no"),
-                      _number(row.get("recall_at_1")), _number(row.get("nfr")), str(row.get("finished_at") or "-"))
+        verdict = str(row.get("verdict") or "-") + (" (below floor)" if row.get("below_floor") else "")
+        table.add_row(str(row.get("run", "?")), verdict, "-" if backfill is None else ("yes" if backfill else "no"),
+                      *(_number(row.get(k)) for k in ("recall_at_1", "floor_recall_at_1", "map_at_r",
+                                                       "floor_map_at_r", "nfr")),
+                      str(row.get("finished_at") or "-"))
     if not rows:
         table.caption = "no finished retrain run yet"
     elif len(rows) > limit:

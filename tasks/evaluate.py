@@ -1,7 +1,8 @@
-"""The evaluation stage: embed the dataset's evaluation split with the new model and with the registry's
-gallery model, evaluate (retrieval, OPIS, compatibility, the update gate: `evaluate_embeddings`), and write
-everything a reader needs to check it into `<run.root>/runs/<run.name>/evaluation/`: the embeddings
-(`embeddings.npz`), `metrics.json`, the report (`report.json`), the utility plot and `summary.json`."""
+"""The evaluation stage: embed the dataset's evaluation split with the new model, the registry's gallery
+model (and, in a chain, its served query model), measure the raw-pixel floor of the split, evaluate
+(retrieval, OPIS, compatibility, the update gate: `evaluate_embeddings`), and write everything a reader needs
+to check it into `<run.root>/runs/<run.name>/evaluation/`: the embeddings (`embeddings.npz`), `metrics.json`,
+the report (`report.json`), the utility plot and `summary.json`."""
 from __future__ import annotations
 
 import io
@@ -14,9 +15,10 @@ from dml_core.config import Config
 from dml_core.data.manifest import Manifest
 from dml_core.gallery.registry import ModelRef
 from dml_core.metrics.evaluate import evaluate_embeddings
+from dml_core.metrics.floor import pixel_floor
 from dml_core.metrics.gate import UpdateGate
 from dml_core.metrics.summary import flat_metrics, summary_row
-from dml_core.training.embed import Embeddings, embed_with_config
+from dml_core.training.embed import Embeddings, embed_with_config, read_model_spec
 
 EVALUATION = "evaluation"
 KS = (1, 5, 10)
@@ -28,11 +30,12 @@ def evaluation_dir(cfg: Config) -> str:
     return storage.join(cfg.run_dir, EVALUATION)
 
 
-def save_embeddings(url: str, new: Embeddings, old: Embeddings | None) -> None:
-    """The evaluation's inputs: new (and old) model's embeddings of the same items, labels, sample ids."""
+def save_embeddings(url: str, new: Embeddings, old: Embeddings | None, served: Embeddings | None = None) -> None:
+    """The evaluation's inputs: new (and old, served) model's embeddings of the same items, labels, sample ids."""
     arrays = {"z": new.z.numpy(), "labels": new.labels.numpy(), "ids": new.ids.numpy()}
-    if old is not None:
-        arrays["old_z"] = old.z.numpy()
+    for name, emb in (("old_z", old), ("served_z", served)):
+        if emb is not None:
+            arrays[name] = emb.z.numpy()
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     storage.write_bytes_atomic(url, buf.getvalue())
@@ -42,27 +45,52 @@ def write_json(url: str, data: dict) -> None:
     storage.write_bytes_atomic(url, json.dumps(data, indent=1).encode())
 
 
-def run_evaluation(cfg: Config, checkpoint: str, old: ModelRef | None, version: str | None = None) -> dict:
+def config_floor(cfg: Config, manifest: Manifest, checkpoint: str, split: str = "eval") -> dict:
+    """The raw-pixel floor of `split` at the input size of `checkpoint`'s model (cached per dataset version)."""
+    spec = read_model_spec(checkpoint)
+    return pixel_floor(manifest, split, image_size=spec.get("image_size"), channels=spec.get("in_channels"), ks=KS,
+                       batch_size=cfg.data.eval_batch_size, endpoint_url=cfg.storage.endpoint_url,
+                       on_error=cfg.data.on_error)
+
+
+def config_gate(cfg: Config) -> UpdateGate:
+    return UpdateGate(cfg.gate.max_nfr, cfg.gate.min_gain, cfg.gate.metric, cfg.gate.min_improvement)
+
+
+def embed_models(cfg: Config, manifest: Manifest, checkpoint: str, old: ModelRef | None,
+                 served: ModelRef | None) -> tuple[Embeddings, Embeddings | None, Embeddings | None]:
+    """The eval split embedded by the new model, by `old` and by `served` (None unless it differs from `old`)."""
+    new = embed_with_config(cfg, checkpoint, manifest)
+    others = {name: embed_with_config(cfg, m.checkpoint, manifest)
+              for name, m in (("old", old), ("served", served if old is not None and served != old else None)) if m}
+    for name, emb in others.items():
+        if not np.array_equal(emb.ids.numpy(), new.ids.numpy()):
+            raise RuntimeError(f"the {name} and new model embedded different items of {manifest.url} (eval split)")
+    return new, others.get("old"), others.get("served")
+
+
+def run_evaluation(cfg: Config, checkpoint: str, old: ModelRef | None, version: str | None = None,
+                   served: ModelRef | None = None) -> dict:
     """Evaluate the model of `checkpoint` (named `version`, default the run's name) against `old` (the
-    gallery model; None before the gallery's first model). Returns {"dir", "files", "metrics", "summary"};
-    the summary's verdict is the gate's (what the update will do), "first model" without an old model."""
+    gallery model; None before the gallery's first model) and `served` (the registry's query model, when a
+    chain serves another model than `old`). Returns {"dir", "files", "metrics", "summary"}; the summary's
+    verdict is the gate's (what the update will do)."""
     storage.use_endpoint(cfg.storage.endpoint_url)
     storage.use_retry_seconds(cfg.storage.retry_seconds)
     manifest = Manifest.read(cfg.data_root, cfg.data.dataset, cfg.data.version)
-    new = embed_with_config(cfg, checkpoint, manifest)
-    old_emb = embed_with_config(cfg, old.checkpoint, manifest) if old is not None else None
-    if old_emb is not None and not np.array_equal(old_emb.ids.numpy(), new.ids.numpy()):
-        raise RuntimeError(f"the old and new model embedded different items of {manifest.url} (eval split)")
+    new, old_emb, served_emb = embed_models(cfg, manifest, checkpoint, old, served)
     out = evaluation_dir(cfg)
     files = {k: storage.join(out, v) for k, v in FILES.items()}
-    save_embeddings(files["embeddings"], new, old_emb)
+    save_embeddings(files["embeddings"], new, old_emb, served_emb)
     report = evaluate_embeddings(new.z, new.labels, ks=KS, old_z=None if old_emb is None else old_emb.z,
-                                 gate=UpdateGate(cfg.gate.max_nfr, cfg.gate.min_gain, cfg.gate.metric),
+                                 served_z=None if served_emb is None else served_emb.z,
+                                 floor=config_floor(cfg, manifest, checkpoint), gate=config_gate(cfg),
                                  plot_url=files["plot"])
     model_version = version or cfg.run.name
     gallery_model = None if old is None else old.version
     metrics = {"run": cfg.run.name, "model_version": model_version, "checkpoint": checkpoint,
                "gallery_model": gallery_model, "gallery_checkpoint": None if old is None else old.checkpoint,
+               "served_query_model": None if served_emb is None else served.version,
                "dataset": {"name": manifest.name, "version": manifest.version, "split": "eval"},
                **flat_metrics(report)}
     report.meta.update({k: metrics[k] for k in ("run", "model_version", "gallery_model", "dataset")})

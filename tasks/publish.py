@@ -17,23 +17,28 @@ def artifact_key(run: str, what: str) -> str:
 
 
 def metric_rows(metrics: dict) -> list[dict]:
-    """The metrics table: Recall@K, MAP@R, OPIS, eps-OPIS, the compatibility matrix, update gain, NFR/NFI."""
-    rows = [{"metric": f"Recall@{k}", "value": v} for k, v in metrics["recall_at_k"].items()]
-    rows += [{"metric": "MAP@R", "value": metrics["map_at_r"]}, {"metric": "OPIS", "value": metrics["opis"]},
-             {"metric": f"{metrics['eps']:g}-OPIS", "value": metrics["eps_opis"]}]
+    """The metrics table: Recall@K, MAP@R (each beside the raw-pixel floor's), OPIS, eps-OPIS, the compatibility
+    matrix, update gain, NFR/NFI."""
+    floor = metrics.get("floor") or {"recall_at_k": {}}
+    rows = [{"metric": f"Recall@{k}", "value": v, "floor": floor["recall_at_k"].get(k)}
+            for k, v in metrics["recall_at_k"].items()]
+    rows += [{"metric": "MAP@R", "value": metrics["map_at_r"], "floor": floor.get("map_at_r")},
+             {"metric": "OPIS", "value": metrics["opis"]}, {"metric": f"{metrics['eps']:g}-OPIS", "value": metrics["eps_opis"]}]
     for name, s in (metrics.get("compatibility") or {}).items():
         rows += [{"metric": f"{name} M({q},{g})", "value": s[f"{q}_{g}"]}
                  for q, g in (("old", "old"), ("new", "new"), ("new", "old"))]
         rows.append({"metric": f"{name} update gain", "value": s["update_gain"]})
     if metrics.get("nfr") is not None:
         rows += [{"metric": "NFR (new,old)", "value": metrics["nfr"]}, {"metric": "NFI (new,old)", "value": metrics["nfi"]}]
-    return [{**r, "value": "n/a" if r["value"] is None else round(float(r["value"]), 6)} for r in rows]
+    return [{"metric": r["metric"], **{k: "n/a" if r.get(k) is None else round(float(r[k]), 6) for k in ("value", "floor")}}
+            for r in rows]
 
 
 def gate_markdown(row: dict) -> str:
     old = row["gallery_model"] or "none (first model of the gallery)"
     lines = [f"# Update gate: {row['run']}", "", f"- model: `{row['model_version']}`", f"- gallery model: `{old}`",
-             f"- verdict: **{row['verdict']}**", f"- backfill: **{'yes' if row['backfill'] else 'no'}**", "",
+             f"- verdict: **{row['verdict']}**" + (" (below the raw-pixel floor)" if row.get("below_floor") else ""),
+             f"- backfill: **{'yes' if row['backfill'] else 'no'}**", "",
              "## Reasons", ""]
     return "\n".join(lines + [f"- {r}" for r in row["reasons"]]) + "\n"
 

@@ -53,15 +53,18 @@ def plan(config: str, grid_items: list[str], seeds: int = 1, sets: list[str] | N
 
 
 def evaluate_trial(cfg: Config, checkpoint: str) -> dict:
-    """Evaluate `checkpoint` on the evaluation split; the report (with the OPIS utility curves) is written beside
-    the run and is its finish mark."""
+    """Evaluate `checkpoint` on the evaluation split beside the split's raw-pixel floor; the report (with the OPIS
+    utility curves) is written beside the run and is its finish mark."""
     from dml_core.metrics.evaluate import evaluate_embeddings
     from dml_core.training.embed import embed_with_config
     from dml_core.training.preflight import read_dataset
+    from tasks.evaluate import config_floor
 
-    z, labels, _ = embed_with_config(cfg, checkpoint, read_dataset(cfg))
-    report = evaluate_embeddings(z, labels, meta={"run": cfg.run.name, "checkpoint": checkpoint, "split": "eval",
-                                                  "dataset": cfg.data.dataset})
+    manifest = read_dataset(cfg)
+    z, labels, _ = embed_with_config(cfg, checkpoint, manifest)
+    report = evaluate_embeddings(z, labels, floor=config_floor(cfg, manifest, checkpoint),
+                                 meta={"run": cfg.run.name, "checkpoint": checkpoint, "split": "eval",
+                                       "dataset": cfg.data.dataset})
     storage.write_bytes_atomic(report_url(cfg), report.to_json(include_curves=True).encode())
     return report.to_dict()
 

@@ -1,6 +1,7 @@
-"""The serving update on Ray: after training, gate the new model against the registry's gallery model on the
-evaluation split; register it as the query model (no embedding of the gallery), or backfill the gallery with
-it (`tasks.backfill`), build and check its index, and switch the registry (`dml_core.gallery.update`)."""
+"""The serving update on Ray: after training, gate the new model against what the registry serves on the
+evaluation split; reject it (nothing changes), register it as the query model (no embedding of the gallery),
+or backfill the gallery with it (`tasks.backfill`), build and check its index, and switch the registry
+(`dml_core.gallery.update`)."""
 from __future__ import annotations
 
 from typing import Callable
@@ -9,20 +10,27 @@ from dml_core import storage
 from dml_core.config import Config
 from dml_core.data.manifest import Manifest
 from dml_core.gallery.embeddings import MANIFEST_FILE, load_gallery
-from dml_core.gallery.registry import ModelRef, Registry
+from dml_core.gallery.registry import GalleryEntry, ModelRef, Registry
 from dml_core.gallery.update import UpdateResult, check_index, update_serving
-from dml_core.metrics.compatibility import evaluate_compatibility
-from dml_core.metrics.gate import GateDecision, UpdateGate
-from dml_core.training.embed import embed_with_config
+from dml_core.metrics.compatibility import evaluate_compatibility, metric_value
+from dml_core.metrics.floor import floor_score
+from dml_core.metrics.gate import GateDecision
+from dml_core.metrics.retrieval import evaluate_retrieval
 from tasks.backfill import run_backfill
+from tasks.evaluate import config_floor, config_gate, embed_models
 
 
-def gate_decision(cfg: Config, manifest: Manifest, old_checkpoint: str, new_checkpoint: str) -> GateDecision:
-    """METHODS 6 on the evaluation split (leave-one-out), old and new model embedding the same items."""
-    old = embed_with_config(cfg, old_checkpoint, manifest)
-    new = embed_with_config(cfg, new_checkpoint, manifest)
-    compat = evaluate_compatibility(old.z, new.z, new.labels)
-    return UpdateGate(cfg.gate.max_nfr, cfg.gate.min_gain, cfg.gate.metric).decide(compat)
+def gate_decision(cfg: Config, manifest: Manifest, current: GalleryEntry | None, checkpoint: str) -> GateDecision:
+    """METHODS 6 on the evaluation split (leave-one-out): the new model against what `current` serves (its
+    gallery model, and its query model in a chain), and the raw-pixel floor."""
+    old = None if current is None else current.gallery_model
+    new, old_emb, served_emb = embed_models(cfg, manifest, checkpoint, old, None if old is None else current.query_model)
+    gate = config_gate(cfg)
+    floor = floor_score(config_floor(cfg, manifest, checkpoint), gate.metric)
+    if old_emb is None:
+        return gate.first(metric_value(evaluate_retrieval(new.z, new.labels, ks=(1,)), gate.metric), floor)
+    compat = evaluate_compatibility(old_emb.z, new.z, new.labels, served_query=None if served_emb is None else served_emb.z)
+    return gate.decide(compat, floor)
 
 
 def backfill_and_index(cfg: Config, model: ModelRef, on_shard=None) -> tuple[str, str]:
@@ -36,18 +44,18 @@ def backfill_and_index(cfg: Config, model: ModelRef, on_shard=None) -> tuple[str
 
 
 def run_update(cfg: Config, checkpoint: str, version: str | None = None, on_shard=None,
-               decide: Callable[[ModelRef], GateDecision] | None = None,
+               decide: Callable[[GalleryEntry | None], GateDecision] | None = None,
                on_backfill: Callable[[str, ModelRef], None] | None = None) -> UpdateResult:
     """Serve the model of `checkpoint` (named `version`, default the run's name) for the config's gallery.
-    `decide(gallery_model)` replaces the gate on the evaluation split (`gate_decision`) where the caller
-    already has a decision. `on_backfill("started" | "finished", model)` brackets a backfill."""
+    `decide(current entry or None)` replaces the gate on the evaluation split (`gate_decision`) where the
+    caller already has a decision. `on_backfill("started" | "finished", model)` brackets a backfill."""
     storage.use_endpoint(cfg.storage.endpoint_url)
     storage.use_retry_seconds(cfg.storage.retry_seconds)
     manifest = Manifest.read(cfg.data_root, cfg.data.dataset, cfg.data.version)
     registry = Registry(cfg.run.root, check_index=check_index)
     model = ModelRef(version or cfg.run.name, checkpoint)
     return update_serving(registry, cfg.backfill.gallery or manifest.name, model,
-                          decide=decide or (lambda old: gate_decision(cfg, manifest, old.checkpoint, checkpoint)),
+                          decide=decide or (lambda current: gate_decision(cfg, manifest, current, checkpoint)),
                           backfill=lambda m: _bracketed(on_backfill, m, lambda: backfill_and_index(cfg, m, on_shard)))
 
 

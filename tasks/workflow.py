@@ -14,7 +14,7 @@ from dml_core.config import Config, ConfigError
 from dml_core.data.manifest import ManifestError
 from dml_core.data.sources.base import sha256_file, sha256_json
 from dml_core.gallery.gallery_model import gallery_name
-from dml_core.gallery.registry import ModelRef
+from dml_core.gallery.registry import GalleryEntry, ModelRef
 from dml_core.metrics.gate import GateDecision
 from dml_core.training.embed import model_url
 from tasks import evaluate, events, publish, shard
@@ -52,10 +52,10 @@ def _train_key(_, params: dict) -> str:
 
 def _evaluate_key(_, params: dict) -> str:
     cfg: Config = params["cfg"]
-    old: ModelRef | None = params["old"]
+    models = [params["old"], params.get("served")]
     return "evaluate-" + sha256_json([evaluate.evaluation_dir(cfg), cfg.data.dataset, cfg.data.version,
                                       checkpoint_hash(params["checkpoint"]), params.get("version"),
-                                      None if old is None else [old.version, checkpoint_hash(old.checkpoint)],
+                                      *(None if m is None else [m.version, checkpoint_hash(m.checkpoint)] for m in models),
                                       cfg.gate.__dict__, cfg.data.on_error])
 
 
@@ -68,25 +68,29 @@ def _train(cfg: Config) -> dict:
             "skipped": result.skipped}
 
 
-def _update(cfg: Config, checkpoint: str, gate: dict | None, old: ModelRef | None) -> dict:
-    """Serve the new model as the evaluation's gate decided against `old`: query model only, or backfill,
-    index and switch; events bracket the backfill and announce the registry change."""
+def _update(cfg: Config, checkpoint: str, gate: dict, old: ModelRef | None, served: ModelRef | None = None) -> dict:
+    """Serve the new model as the evaluation's gate decided against `old` (and `served`): rejected (nothing
+    changes), query model only, or backfill, index and switch; events bracket the backfill and announce the
+    registry change."""
     from tasks.update import run_update
 
     gallery = gallery_name(cfg)
 
-    def decide(current: ModelRef) -> GateDecision:
-        if gate is None or current != old:
-            raise RuntimeError(f"gallery {gallery}: the registry's gallery model is now {current}, but the evaluation "
-                               f"compared with {old}; run the retrain again")
+    def decide(current: GalleryEntry | None) -> GateDecision:
+        now = (None, None) if current is None else (current.gallery_model, current.query_model)
+        if now[0] != old or (served is not None and now[1] != served):
+            raise RuntimeError(f"gallery {gallery}: the registry now serves {now}, but the evaluation compared with "
+                               f"{(old, served)}; run the retrain again")
         return GateDecision.from_dict(gate)
 
     result = run_update(cfg, checkpoint, decide=decide,
                         on_backfill=lambda stage, m: events.emit_backfill(stage, gallery, m, cfg.run.name))
-    events.emit_switched(gallery, result.action, result.entry, cfg.run.name)
+    if result.entry is not None and result.action != "rejected":
+        events.emit_switched(gallery, result.action, result.entry, cfg.run.name)
+    entry = result.entry
     return {"gallery": gallery, "action": result.action, "backfill": result.backfilled,
-            "gallery_model": result.entry.gallery_model.version, "query_model": result.entry.query_model.version,
-            "index": result.entry.index}
+            "gallery_model": entry and entry.gallery_model.version, "query_model": entry and entry.query_model.version,
+            "index": entry and entry.index}
 
 
 def _backfill(cfg: Config, checkpoint: str) -> dict:

@@ -16,8 +16,13 @@ def gallery_name(cfg: Config) -> str:
 
 def current_gallery_model(cfg: Config) -> ModelRef | None:
     """The model that embedded the gallery's registered index, or None before the gallery's first model."""
+    return current_serving(cfg)[0]
+
+
+def current_serving(cfg: Config) -> tuple[ModelRef | None, ModelRef | None]:
+    """(gallery model, query model) of the gallery's registry entry; (None, None) before its first model."""
     entry = Registry(cfg.run.root).gallery(gallery_name(cfg))
-    return None if entry is None else entry.gallery_model
+    return (None, None) if entry is None else (entry.gallery_model, entry.query_model)
 
 
 def resolve_gallery_checkpoints(cfg: Config) -> Config:

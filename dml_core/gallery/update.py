@@ -1,6 +1,7 @@
 """The serving update after a new model is trained (DESIGN.md, METHODS 6): the gate decides whether the new
-model may query the gallery's existing index (registered as the query model, no embedding work at all), or
-the gallery must be backfilled with it, its index built and checked, and the registry switched to both.
+model is rejected (the registry is not touched), may query the gallery's existing index (registered as the
+query model, no embedding work at all), or the gallery must be backfilled with it, its index built and
+checked, and the registry switched to both.
 
 The gate compares the new model with the registry's GALLERY model (the one that embedded the index), not with
 the last query model, so a chain of backfill-free updates v1 -> v2 -> v3 checks v3 against v1.
@@ -20,26 +21,31 @@ Backfill = Callable[[ModelRef], "tuple[str, str]"]
 
 @dataclass
 class UpdateResult:
-    action: str  # "query_model" (backfill-free), "switch" (backfilled) or "first" (no gallery before)
-    entry: GalleryEntry  # the registry entry now in force
+    # "query_model" (backfill-free), "switch" (backfilled), "first" (no gallery before) or "rejected" (nothing done)
+    action: str
+    entry: GalleryEntry | None  # the registry entry now in force (None: a rejected first model)
     old_model: ModelRef | None  # the gallery model the gate compared with
     decision: GateDecision | None
 
     @property
     def backfilled(self) -> bool:
-        return self.action != "query_model"
+        return self.action in ("first", "switch")
 
 
-def update_serving(registry: Registry, gallery: str, model: ModelRef, decide: Callable[[ModelRef], GateDecision],
-                   backfill: Backfill) -> UpdateResult:
-    """Register `model` for `gallery`: `decide(old_model)` runs the gate against the gallery model; allowed ->
-    query model only; refused (or no gallery yet) -> `backfill(model)`, then one registry switch."""
+def update_serving(registry: Registry, gallery: str, model: ModelRef,
+                   decide: Callable[[GalleryEntry | None], GateDecision], backfill: Backfill) -> UpdateResult:
+    """Register `model` for `gallery` as `decide(current entry or None)` (the gate) says: rejected -> nothing
+    changes; query model only; otherwise `backfill(model)`, then one registry switch."""
     current = registry.gallery(gallery)
+    decision = decide(current)
+    old_model = None if current is None else current.gallery_model
+    if decision.rejected:
+        return UpdateResult("rejected", current, old_model, decision)
     if current is None:
         embeddings, index = backfill(model)
-        entry = registry.switch(gallery, model, embeddings, index, "first model of the gallery")
-        return UpdateResult("first", entry, None, None)
-    decision = decide(current.gallery_model)
+        entry = registry.switch(gallery, model, embeddings, index, "first model of the gallery: " +
+                                "; ".join(decision.reasons()))
+        return UpdateResult("first", entry, None, decision)
     reason = f"gate against gallery model {current.gallery_model.version}: " + "; ".join(decision.reasons())
     if decision.allowed:
         check_query_model(model, current)

@@ -22,6 +22,11 @@ METRICS = ("recall_at_1", "map_at_r")
 THRESHOLD_TOLERANCE = 1e-9
 
 
+def metric_value(result: RetrievalResult, metric: str) -> float:
+    """One of METRICS from a retrieval result."""
+    return result.map_at_r if metric == "map_at_r" else result.recall[1]
+
+
 @dataclass
 class CrossModelScores:
     """One metric under each (query model, gallery model) setting."""
@@ -35,13 +40,23 @@ class CrossModelScores:
     criterion: bool  # M(new,old) > M(old,old) (by more than THRESHOLD_TOLERANCE)
     update_gain: float | None  # None when M(ref,ref) <= M(old,old): no improvement to share
     update_gain_reason: str | None = None  # why update_gain is None (None when it is a number)
+    served: float | None = None  # M(served query model, old) in a chain; None: what is served is (old,old)
+
+    @property
+    def served_score(self) -> float:
+        """The metric of what users get today: M(old,old), or M(query model, old) in a chain."""
+        return self.old_old if self.served is None else self.served
+
+    @property
+    def served_setting(self) -> str:
+        return "(old,old)" if self.served is None else "(served query model,old)"
 
     @classmethod
-    def build(cls, metric, old_old, new_new, new_old, ref_ref=None):
+    def build(cls, metric, old_old, new_new, new_old, ref_ref=None, served=None):
         ref_model, ref_score = ("ref", ref_ref) if ref_ref is not None else ("new", new_new)
         gain, reason = update_gain(metric, old_old, new_old, ref_score, ref_model)
         criterion = new_old - old_old > THRESHOLD_TOLERANCE
-        return cls(metric, old_old, new_new, new_old, ref_ref, ref_model, criterion, gain, reason)
+        return cls(metric, old_old, new_new, new_old, ref_ref, ref_model, criterion, gain, reason, served)
 
 
 def update_gain(metric: str, old_old: float, new_old: float, ref_ref: float,
@@ -57,7 +72,8 @@ def update_gain(metric: str, old_old: float, new_old: float, ref_ref: float,
 
 @dataclass
 class NegativeFlips:
-    """Queries right (top-1) under (old,old) and wrong under `setting`."""
+    """Queries right (top-1) under what is served ((old,old), or the chain's served setting) and wrong under
+    `setting`."""
 
     setting: str  # "new_old" or "new_new"
     flips: int
@@ -109,9 +125,11 @@ class CompatibilityResult:
 
 
 def evaluate_compatibility(old_query, new_query, query_labels, *, old_gallery=None, new_gallery=None,
-                           gallery_labels=None, ref_query=None, ref_gallery=None, backend: str = "auto",
-                           use_gpu: bool = False) -> CompatibilityResult:
-    """Cross-model Recall@1 and MAP@R, the BCT criterion, update gain and negative flips."""
+                           gallery_labels=None, ref_query=None, ref_gallery=None, served_query=None,
+                           backend: str = "auto", use_gpu: bool = False) -> CompatibilityResult:
+    """Cross-model Recall@1 and MAP@R, the BCT criterion, update gain and negative flips. `served_query`: in a
+    chain, the queries embedded by the served query model (not the gallery model); the served score and the
+    flips then count against (served query model, old gallery) (METHODS 6)."""
     split = old_gallery is not None or new_gallery is not None or gallery_labels is not None
     if split and (old_gallery is None or new_gallery is None or gallery_labels is None):
         raise ValueError("a query/gallery split needs old_gallery, new_gallery and gallery_labels together")
@@ -130,10 +148,13 @@ def evaluate_compatibility(old_query, new_query, query_labels, *, old_gallery=No
     g_new = new_gallery if split else new_query
     oo, nn, no = run(old_query, g_old), run(new_query, g_new), run(new_query, g_old)
     rr = run(ref_query, ref_gallery if split else ref_query) if ref_query is not None else None
+    ss = run(served_query, g_old) if served_query is not None else None
     scores = {}
     for metric in METRICS:
-        get = (lambda r: r.recall[1]) if metric == "recall_at_1" else (lambda r: r.map_at_r)
-        scores[metric] = CrossModelScores.build(metric, get(oo), get(nn), get(no), get(rr) if rr else None)
-    flips = {"new_old": NegativeFlips.count("new_old", oo.top1_correct, no.top1_correct, oo.valid),
-             "new_new": NegativeFlips.count("new_new", oo.top1_correct, nn.top1_correct, oo.valid)}
+        def get(r):
+            return metric_value(r, metric) if r is not None else None
+        scores[metric] = CrossModelScores.build(metric, get(oo), get(nn), get(no), get(rr), get(ss))
+    today = ss or oo
+    flips = {"new_old": NegativeFlips.count("new_old", today.top1_correct, no.top1_correct, today.valid),
+             "new_new": NegativeFlips.count("new_new", today.top1_correct, nn.top1_correct, today.valid)}
     return CompatibilityResult(mode=oo.mode, num_queries=oo.num_queries, scores=scores, flips=flips)

@@ -1,7 +1,8 @@
 """Run the whole evaluation of one embedded evaluation set and bundle it into an `EvaluationReport`."""
 from __future__ import annotations
 
-from dml_core.metrics.compatibility import evaluate_compatibility
+from dml_core.metrics.compatibility import evaluate_compatibility, metric_value
+from dml_core.metrics.floor import floor_score
 from dml_core.metrics.gate import UpdateGate
 from dml_core.metrics.opis import opis
 from dml_core.metrics.report import EvaluationReport
@@ -9,18 +10,24 @@ from dml_core.metrics.retrieval import evaluate_retrieval
 from dml_core.metrics.utility_plot import save_utility_plot
 
 
-def evaluate_embeddings(z, labels, *, ks=(1, 5), old_z=None, ref_z=None, opis_kwargs: dict | None = None,
-                        gate: UpdateGate | None = None, plot_url: str | None = None, backend: str = "auto",
-                        use_gpu: bool = False, meta: dict | None = None) -> EvaluationReport:
-    """Leave-one-out retrieval metrics and OPIS of `z` (the new model); with `old_z` (same items, old model)
-    also compatibility and the gate decision. `opis_kwargs` go to `opis` (e.g. max_neg_per_class)."""
-    retrieval = evaluate_retrieval(z, labels, ks=ks, backend=backend, use_gpu=use_gpu)
+def evaluate_embeddings(z, labels, *, ks=(1, 5), old_z=None, served_z=None, ref_z=None, floor: dict | None = None,
+                        opis_kwargs: dict | None = None, gate: UpdateGate | None = None, plot_url: str | None = None,
+                        backend: str = "auto", use_gpu: bool = False, meta: dict | None = None) -> EvaluationReport:
+    """Leave-one-out retrieval metrics and OPIS of `z` (the new model), the gate decision (METHODS 6) and,
+    with `old_z` (same items, the gallery model), compatibility. `served_z`: the served query model's
+    embeddings in a chain. `floor`: the raw-pixel floor of the split (`pixel_floor`), reported beside the
+    model and used by the gate. `opis_kwargs` go to `opis` (e.g. max_neg_per_class)."""
+    retrieval = evaluate_retrieval(z, labels, ks=tuple(sorted({1, *ks})), backend=backend, use_gpu=use_gpu)
     opis_result = opis(z, labels, **(opis_kwargs or {}))
-    report = EvaluationReport(retrieval=retrieval, opis=opis_result, meta=dict(meta or {}))
+    report = EvaluationReport(retrieval=retrieval, opis=opis_result, floor=floor, meta=dict(meta or {}))
     if plot_url:
         report.plots["utility"] = save_utility_plot(opis_result, plot_url)
-    if old_z is not None:
-        report.compatibility = evaluate_compatibility(old_z, z, labels, ref_query=ref_z, backend=backend,
-                                                      use_gpu=use_gpu)
-        report.gate = (gate or UpdateGate()).decide(report.compatibility)
+    gate = gate or UpdateGate()
+    floor_value = None if floor is None else floor_score(floor, gate.metric)
+    if old_z is None:
+        report.gate = gate.first(metric_value(retrieval, gate.metric), floor_value)
+        return report
+    report.compatibility = evaluate_compatibility(old_z, z, labels, ref_query=ref_z, served_query=served_z,
+                                                  backend=backend, use_gpu=use_gpu)
+    report.gate = gate.decide(report.compatibility, floor_value)
     return report

@@ -1,9 +1,17 @@
-"""Update gate (METHODS 6): may the new model query the old gallery index without a backfill?
+"""Update gate (METHODS 6): is the new model worth serving, and if so in which setting, cheapest first?
 
-Allowed when the compatibility criterion holds, NFR(new,old) <= max_nfr and M(new,old) - M(old,old) >= min_gain.
+Worth serving: M(new,new) is not below the raw-pixel floor, and its best reachable setting beats `served`
+(the metric of what is served today) by `min_improvement`; otherwise the model is **rejected** and nothing
+changes. Then, in order, the first setting whose own metric beats `served` and whose conditions pass:
+1. query model against the old gallery: criterion M(new,old) > served, NFR(new,old) <= max_nfr,
+   M(new,old) - served >= min_gain;
+2. full backfill with the new model.
+`served` is M(old,old) unless a chain serves another query model against the gallery (then flips and the
+criterion count against that setting: `CompatibilityResult` computes them so). With nothing served yet, a
+first model above the floor is backfilled.
 Each condition is reported with its measured value, threshold, margin (positive = room to spare) and verdict.
-A comparison at its threshold uses a tolerance of THRESHOLD_TOLERANCE (1e-9): 29/100 - 28/100 >= 0.01 holds
-(margin -4.7e-17 in floating point), and the strict criterion needs a margin above the tolerance.
+A comparison at its threshold uses a tolerance of THRESHOLD_TOLERANCE (1e-9): 29/100 - 28/100 >= 0.01 holds,
+and "beats" needs a margin above the tolerance.
 """
 from __future__ import annotations
 
@@ -12,8 +20,11 @@ from dataclasses import asdict, dataclass, field
 
 from dml_core.metrics.compatibility import METRICS, THRESHOLD_TOLERANCE, CompatibilityResult
 
-ALLOW_ACTION = "serve new queries against the old gallery index"
-BACKFILL_ACTION = "backfill the gallery with the new model"
+OUTCOMES = ("first", "query_model", "backfill", "rejected")
+ACTIONS = {"first": "backfill the gallery with the first model", "query_model": "serve new queries against the "
+           "old gallery index", "backfill": "backfill the gallery with the new model",
+           "rejected": "reject the model: nothing is embedded, indexed or switched"}
+WORTH, QUERY_MODEL, BACKFILL = "worth serving", "query model", "backfill"
 
 
 @dataclass
@@ -26,16 +37,55 @@ class GateCondition:
     passed: bool
     description: str
     tolerance: float = THRESHOLD_TOLERANCE  # margins within this of 0 count as on the threshold
+    setting: str = QUERY_MODEL  # which step of the gate it belongs to: WORTH, QUERY_MODEL or BACKFILL
+
+
+def _at_most(name, measured, threshold, setting, description) -> GateCondition:
+    margin = threshold - measured
+    return GateCondition(name, measured, threshold, "<=", margin, margin >= -THRESHOLD_TOLERANCE, description,
+                         setting=setting)
+
+
+def _at_least(name, measured, threshold, setting, description) -> GateCondition:
+    margin = measured - threshold
+    return GateCondition(name, measured, threshold, ">=", margin, margin >= -THRESHOLD_TOLERANCE, description,
+                         setting=setting)
+
+
+def _beats(name, score, served, min_improvement, setting, description) -> GateCondition:
+    """score - served must exceed 0 (beyond the tolerance) and reach min_improvement (within it)."""
+    diff = score - served
+    if min_improvement <= 0:
+        return GateCondition(name, diff, 0.0, ">", diff, diff > THRESHOLD_TOLERANCE, description, setting=setting)
+    cond = _at_least(name, diff, min_improvement, setting, description)
+    cond.passed = cond.passed and diff > THRESHOLD_TOLERANCE
+    return cond
 
 
 @dataclass
 class GateDecision:
-    allowed: bool
+    outcome: str  # one of OUTCOMES
     action: str
     metric: str
     max_nfr: float
     min_gain: float
+    min_improvement: float = 0.0
+    served: float | None = None  # the metric of what is served today (None: nothing yet)
+    floor: float | None = None  # the raw-pixel floor of the metric (None: not measured)
     conditions: list[GateCondition] = field(default_factory=list)
+
+    @property
+    def allowed(self) -> bool:
+        """The new model may query the old gallery without a backfill."""
+        return self.outcome == "query_model"
+
+    @property
+    def rejected(self) -> bool:
+        return self.outcome == "rejected"
+
+    @property
+    def below_floor(self) -> bool:
+        return any(c.name == "floor" and not c.passed for c in self.conditions)
 
     @property
     def failed(self) -> list[str]:
@@ -46,15 +96,15 @@ class GateDecision:
                 f"(margin {c.margin:+.6g}) - {c.description}" for c in self.conditions]
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "allowed": self.allowed}
 
     def to_json(self, **kwargs) -> str:
         return json.dumps(self.to_dict(), **kwargs)
 
     @classmethod
     def from_dict(cls, d: dict) -> "GateDecision":
-        conds = [GateCondition(**c) for c in d.get("conditions", [])]
-        return cls(**{**d, "conditions": conds})
+        d = {k: v for k, v in d.items() if k != "allowed"}
+        return cls(**{**d, "conditions": [GateCondition(**c) for c in d.get("conditions", [])]})
 
 
 @dataclass
@@ -62,30 +112,51 @@ class UpdateGate:
     max_nfr: float = 0.02
     min_gain: float = 0.0
     metric: str = "recall_at_1"
+    min_improvement: float = 0.0
 
     def __post_init__(self):
         if self.metric not in METRICS:
             raise ValueError(f"gate metric must be one of {METRICS}, got {self.metric!r}")
 
-    def decide(self, compat: CompatibilityResult) -> GateDecision:
+    def first(self, new_new: float, floor: float | None = None) -> GateDecision:
+        """Nothing is served yet: backfill the first model unless it is below the floor."""
+        conds = self._floor(new_new, floor)
+        return self._decision("rejected" if any(not c.passed for c in conds) else "first", None, floor, conds)
+
+    def decide(self, compat: CompatibilityResult, floor: float | None = None) -> GateDecision:
         s = compat.scores[self.metric]
-        nfr = compat.flips["new_old"].nfr
-        gain = s.new_old - s.old_old
-        tol = THRESHOLD_TOLERANCE
-        m_crit, m_nfr, m_gain = s.new_old - s.old_old, self.max_nfr - nfr, gain - self.min_gain
-        conds = [
-            GateCondition("criterion", s.new_old, s.old_old, ">", m_crit, m_crit > tol,
-                          f"{self.metric}(new,old) must exceed {self.metric}(old,old)"),
-            GateCondition("nfr", nfr, self.max_nfr, "<=", m_nfr, m_nfr >= -tol,
-                          "negative flip rate of new queries against the old gallery"),
-            GateCondition("gain", gain, self.min_gain, ">=", m_gain, m_gain >= -tol,
-                          f"{self.metric}(new,old) - {self.metric}(old,old)"),
-        ]
-        allowed = all(c.passed for c in conds)
-        return GateDecision(allowed, ALLOW_ACTION if allowed else BACKFILL_ACTION, self.metric,
-                            self.max_nfr, self.min_gain, conds)
+        served, m = s.served_score, self.metric
+        worth = self._floor(s.new_new, floor) + [
+            _beats("improvement", max(s.new_old, s.new_new), served, self.min_improvement, WORTH,
+                   f"the best reachable {m} (new queries against the old or a new gallery) must beat what is served")]
+        query = [
+            GateCondition("criterion", s.new_old, served, ">", s.new_old - served,
+                          s.new_old - served > THRESHOLD_TOLERANCE,
+                          f"{m}(new,old) must exceed the served {m} ({s.served_setting})", setting=QUERY_MODEL),
+            _at_most("nfr", compat.flips["new_old"].nfr, self.max_nfr, QUERY_MODEL,
+                     f"negative flip rate of new queries against the old gallery, vs {s.served_setting}"),
+            _at_least("gain", s.new_old - served, self.min_gain, QUERY_MODEL, f"{m}(new,old) - served {m}"),
+            _beats("query model improvement", s.new_old, served, self.min_improvement, QUERY_MODEL,
+                   f"{m}(new,old) must beat the served {m}")]
+        backfill = [_beats("backfill improvement", s.new_new, served, self.min_improvement, BACKFILL,
+                           f"{m}(new,new) must beat the served {m}")]
+        ok = {name: all(c.passed for c in conds) for name, conds in (("worth", worth), ("query", query),
+                                                                      ("backfill", backfill))}
+        outcome = ("rejected" if not ok["worth"] else "query_model" if ok["query"]
+                   else "backfill" if ok["backfill"] else "rejected")
+        return self._decision(outcome, served, floor, worth + query + backfill)
+
+    def _floor(self, new_new: float, floor: float | None) -> list[GateCondition]:
+        if floor is None:
+            return []
+        return [_at_least("floor", new_new, floor, WORTH,
+                          f"{self.metric}(new,new) must not be below the raw-pixel floor")]
+
+    def _decision(self, outcome, served, floor, conds) -> GateDecision:
+        return GateDecision(outcome, ACTIONS[outcome], self.metric, self.max_nfr, self.min_gain,
+                            self.min_improvement, served, floor, conds)
 
 
 def update_gate(compat: CompatibilityResult, max_nfr: float = 0.02, min_gain: float = 0.0,
-                metric: str = "recall_at_1") -> GateDecision:
-    return UpdateGate(max_nfr, min_gain, metric).decide(compat)
+                metric: str = "recall_at_1", min_improvement: float = 0.0, floor: float | None = None) -> GateDecision:
+    return UpdateGate(max_nfr, min_gain, metric, min_improvement).decide(compat, floor)

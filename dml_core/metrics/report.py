@@ -1,4 +1,5 @@
-"""One JSON-serialisable evaluation report: retrieval, OPIS, compatibility and the update gate."""
+"""One JSON-serialisable evaluation report: retrieval beside its raw-pixel floor, OPIS, compatibility and the
+update gate."""
 from __future__ import annotations
 
 import json
@@ -9,7 +10,7 @@ from dml_core.metrics.gate import GateDecision
 from dml_core.metrics.opis_result import OpisResult
 from dml_core.metrics.retrieval import RetrievalResult
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the floor, and a gate decision for a first model too
 
 
 @dataclass
@@ -18,6 +19,7 @@ class EvaluationReport:
     opis: OpisResult | None = None
     compatibility: CompatibilityResult | None = None
     gate: GateDecision | None = None
+    floor: dict | None = None  # the raw-pixel floor of the same split (dml_core.metrics.floor.pixel_floor)
     plots: dict[str, str] = field(default_factory=dict)  # name -> path or URL of a PNG
     meta: dict = field(default_factory=dict)  # free-form: model versions, dataset, run id ...
 
@@ -29,6 +31,7 @@ class EvaluationReport:
             "opis": self.opis.to_dict(include_curves) if self.opis else None,
             "compatibility": self.compatibility.to_dict() if self.compatibility else None,
             "gate": self.gate.to_dict() if self.gate else None,
+            "floor": self.floor,
             "plots": dict(self.plots),
             "meta": dict(self.meta),
         }
@@ -47,6 +50,7 @@ class EvaluationReport:
             opis=OpisResult.from_dict(d["opis"]) if d.get("opis") else None,
             compatibility=CompatibilityResult.from_dict(d["compatibility"]) if d.get("compatibility") else None,
             gate=GateDecision.from_dict(d["gate"]) if d.get("gate") else None,
+            floor=d.get("floor"),
             plots=dict(d.get("plots") or {}),
             meta=dict(d.get("meta") or {}),
         )

@@ -25,6 +25,13 @@ def _small_cnn(in_channels: int, image_size: int, **kw: Any) -> nn.Module:
     return SmallCNN(in_channels=in_channels, **kw)
 
 
+def _flatten(in_channels: int, image_size: int) -> nn.Module:
+    """No learning at all: the pixels as features (with an identity linear head, the raw-pixel floor)."""
+    backbone = nn.Flatten()
+    backbone.feature_dim = in_channels * image_size * image_size
+    return backbone
+
+
 def _resnet(depth: int) -> Builder:
     def build(in_channels: int, image_size: int, small_input: bool | None = None, **kw: Any) -> nn.Module:
         small = image_size < 96 if small_input is None else small_input
@@ -40,6 +47,7 @@ def _vit(size: str) -> Builder:
 
 BACKBONES: dict[str, Builder] = {
     "small_cnn": _small_cnn,
+    "flatten": _flatten,
     "resnet18": _resnet(18),
     "resnet34": _resnet(34),
     "resnet50": _resnet(50),

@@ -68,14 +68,16 @@ def test_values_that_slug_alike_and_no_seeds_are_refused():
 def test_table_rows_and_mean_std_over_seeds():
     trials = expand_grid(parse_grid(["loss.tau=0.1,0.2"]), seeds=2)
     recalls = [0.5, 0.7, 0.2, 0.4]
-    rows = [trial_row(t, f"r-{t.key}", {"retrieval": {"recall_at_1": r, "map_at_r": r / 2},
+    floor = {"recall_at_k": {"1": 0.3}, "map_at_r": 0.1}
+    rows = [trial_row(t, f"r-{t.key}", {"retrieval": {"recall_at_1": r, "map_at_r": r / 2}, "floor": floor,
                                          "opis": {"opis": 0.01, "eps_opis": 0.02}, "meta": {"checkpoint": "c"}})
             for t, r in zip(trials, recalls)]
     assert rows[0]["recall_at_1"] == 0.5 and rows[0]["checkpoint"] == "c" and rows[0]["recall_at_5"] is None
+    assert (rows[0]["floor_recall_at_1"], rows[0]["floor_map_at_r"]) == (0.3, 0.1)
     agg = aggregate(rows)
     assert [a["values"] for a in agg] == [{"loss.tau": 0.1}, {"loss.tau": 0.2}]
     assert agg[0]["recall_at_1"]["mean"] == pytest.approx(0.6)
     assert agg[1]["recall_at_1"]["std"] == pytest.approx(statistics.stdev([0.2, 0.4]))
     md = table_markdown("s", rows)
-    assert "| tau0.1-seed0 | 0 | 0.5000 | - | 0.2500 |" in md and "0.6000 ± 0.1414" in md
+    assert "| tau0.1-seed0 | 0 | 0.5000 | 0.3000 | - | 0.2500 | 0.1000 |" in md and "0.6000 ± 0.1414" in md
     json.dumps(agg)

@@ -6,24 +6,22 @@ import time
 
 import yaml
 
-from tests.conftest import FMNIST_TINY
-
-DATASET = "fmnist-tiny"
+DATASET = "glyphs-tiny"
 
 
 def write_config(root: str, **sections) -> str:
-    """A retrain config on the tiny Fashion-MNIST set of tests/conftest.py (`data.source` and `data.sharding`
-    as FMNIST_TINY), a small CNN, one in-process Ray worker; `sections` update it per section. Gate: MAP@R
-    (finer-grained than Recall@1 on 100 queries), max_nfr 0.2 (a 60-step model flips about 15 of them)."""
-    p = FMNIST_TINY
+    """A retrain config on tiny font glyphs (the first 60 code points at 16 px: 30 training classes, 30 held-out
+    ones of 930 queries and 930 gallery images), a small CNN, one in-process Ray worker; `sections` update it
+    per section. A task where learning matters: raw pixels reach MAP@R 0.48 on the held-out classes, 300 steps
+    (about 8 s) 0.53-0.61. Gate: MAP@R, max_nfr 0.2."""
     raw = {"run": {"name": "v1", "root": f"{root}/storage"},
-           "data": {"dataset": DATASET, "batch_size": 16, "p": 4, "k": 4,
-                    "source": {"kind": "fashion_mnist", "subsets": ["train"], "max_per_class": p["max_per_class"]},
-                    "sharding": {k: p[k] for k in ("seed", "eval_class_fraction", "gallery_fraction",
-                                                   "max_shard_samples")}},
-           "model": {"embedding_dim": 16, "backbone_options": {"widths": [8, 16]}},
-           "train": {"steps": 60, "lr": 3e-3, "checkpoint_every": 1000, "log_every": 1000},
-           "ray": {"num_workers": 1}, "backfill": {"batch_size": 32},
+           "data": {"dataset": DATASET, "batch_size": 32, "p": 8, "k": 4,
+                    "source": {"kind": "font_glyphs", "image_size": 16, "max_classes": 60},
+                    "sharding": {"seed": 0, "eval_class_fraction": 0.5, "gallery_fraction": 0.5,
+                                 "max_shard_samples": 500}},
+           "model": {"embedding_dim": 32, "image_size": 16, "backbone_options": {"widths": [16, 32]}},
+           "train": {"steps": 300, "lr": 3e-3, "checkpoint_every": 1000, "log_every": 1000},
+           "ray": {"num_workers": 1}, "backfill": {"batch_size": 128},
            "gate": {"metric": "map_at_r", "max_nfr": 0.2, "min_gain": 0.0}}
     for section, values in sections.items():
         raw.setdefault(section, {}).update(values)

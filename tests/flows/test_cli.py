@@ -46,10 +46,13 @@ def closed_port() -> int:
 
 
 ROW1 = {"run": "v1", "model_version": "v1", "gallery_model": "v1", "recall_at_1": 0.5, "map_at_r": 0.25,
-        "opis": 0.0123, "eps_opis": 0.001, "m_new_old": None, "m_old_old": None, "nfr": None,
+        "floor_recall_at_1": 0.4, "floor_map_at_r": 0.2, "below_floor": False, "opis": 0.0123, "eps_opis": 0.001,
+        "m_new_new": 0.5, "m_new_old": None, "m_old_old": None, "nfr": None,
         "verdict": "first model", "backfill": True, "reasons": [], "finished_at": "2026-01-01T00:00:00Z"}
-ROW2 = {**ROW1, "run": "v2", "model_version": "v2", "recall_at_1": 0.625, "m_new_old": 0.55, "m_old_old": 0.5,
-        "nfr": 0.0, "verdict": "compatible", "backfill": False, "reasons": ["NFR 0 <= 0.02"]}
+ROW2 = {**ROW1, "run": "v2", "model_version": "v2", "recall_at_1": 0.625, "m_new_new": 0.625, "m_new_old": 0.55,
+        "m_old_old": 0.5, "nfr": 0.0, "verdict": "compatible", "backfill": False, "reasons": ["NFR 0 <= 0.02"]}
+ROW3 = {**ROW1, "run": "v3", "recall_at_1": 0.3, "m_new_new": 0.3, "m_new_old": 0.1, "m_old_old": 0.5, "nfr": 0.4,
+        "below_floor": True, "verdict": "rejected", "backfill": False}
 
 
 class StandIn:
@@ -156,16 +159,18 @@ def test_run_overrides_order_name_then_set_then_command_line():
 
 
 def test_summary_table_and_markdown_from_rows():
-    md = summary_markdown([ROW1, ROW2])
+    md = summary_markdown([ROW1, ROW2, ROW3])
     assert md.splitlines() == [
-        "| run | Recall@1 | MAP@R | OPIS | eps-OPIS | M(new,old) vs M(old,old) | NFR | verdict | backfill |",
-        "|---|---|---|---|---|---|---|---|---|",
-        "| v1 | 0.5000 | 0.2500 | 0.0123 | 0.0010 | - | - | first model | yes |",
-        "| v2 | 0.6250 | 0.2500 | 0.0123 | 0.0010 | 0.5500 vs 0.5000 | 0.0000 | compatible | no |"]
+        "| run | Recall@1 | MAP@R | OPIS | eps-OPIS | M(new,new) | M(new,old) | M(old,old) | NFR | verdict | backfill |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| floor (raw pixels) | 0.4000 | 0.2000 | - | - | - | - | - | - | - | - |",
+        "| v1 | 0.5000 | 0.2500 | 0.0123 | 0.0010 | 0.5000 | - | - | - | first model | yes |",
+        "| v2 | 0.6250 | 0.2500 | 0.0123 | 0.0010 | 0.6250 | 0.5500 | 0.5000 | 0.0000 | compatible | no |",
+        "| v3 | 0.3000 | 0.2500 | 0.0123 | 0.0010 | 0.3000 | 0.1000 | 0.5000 | 0.4000 | rejected (below floor) | no |"]
     table = summary_table([ROW1, ROW2])
     assert [c.header for c in table.columns] == list(HEADERS)
-    assert [c._cells for c in table.columns][5] == ["-", "0.5500 vs 0.5000"]
-    assert [c._cells for c in table.columns][8] == ["yes", "no"]
+    assert [c._cells for c in table.columns][6] == ["-", "-", "0.5500"]
+    assert [c._cells for c in table.columns][10] == ["-", "yes", "no"]
 
 
 def test_dml_run_runs_the_story_in_order_and_writes_the_summary(tmp_path, monkeypatch):
@@ -180,7 +185,7 @@ def test_dml_run_runs_the_story_in_order_and_writes_the_summary(tmp_path, monkey
     assert [c[1] for c in flows.calls] == [(config, ["run.name=v1", "train.lr=0.01"]),
                                            (config, ["run.name=v2", "train.steps=5", "train.lr=0.01"])]
     assert (tmp_path / "root" / SUMMARY_FILE).read_text() == summary_markdown([ROW1, ROW2])
-    assert "0.5500 vs 0.5000" in result.stdout and "compatible" in result.stdout
+    assert "0.5500" in result.stdout and "floor (raw pixels)" in result.stdout and "compatible" in result.stdout
 
 
 def test_dml_run_without_runs_is_one_retrain(tmp_path, monkeypatch):

@@ -1,6 +1,8 @@
 """The demo as the README runs it (`bash scripts/demo.sh`: its set-up, then `dml run configs/demo.yaml`), on
-tiny settings: the three-run story runs through the real command and flows and writes the summary the README
-shows. The set-up finds everything installed (this test's own virtual environment), so it only checks it."""
+tiny settings: the four-run story runs through the real command and flows and writes the summary the README
+shows, the raw-pixel floor's row first. The set-up finds everything installed (this test's own virtual
+environment), so it only checks it. With so few steps the verdicts are not the demo's; the gate never serves
+a model below the floor."""
 from __future__ import annotations
 
 import json
@@ -13,8 +15,9 @@ import pytest
 from tests.flows._cli_helpers import REPO
 
 pytestmark = pytest.mark.slow
-TINY = ["data.source={kind: fashion_mnist, subsets: [train], max_per_class: 40}", "train.steps=4",
-        "train.checkpoint_every=4", "data.eval_batch_size=64"]
+TINY = ["data.source={kind: font_glyphs, variant: many, image_size: 16, max_classes: 40}", "model.image_size=16",
+        "train.steps=4", "train.checkpoint_every=4", "data.eval_batch_size=256"]
+RUNS = ("v1", "v2", "v3", "v4")
 
 
 def test_the_demo_config_runs_its_story_end_to_end(tmp_path):
@@ -24,12 +27,18 @@ def test_the_demo_config_runs_its_story_end_to_end(tmp_path):
     done = subprocess.run(["bash", f"{REPO}/scripts/demo.sh", *sets], cwd=tmp_path, capture_output=True, text=True,
                           timeout=900, env={**os.environ, "VENV": venv})
     assert done.returncode == 0, done.stderr[-3000:]
-    rows = [json.loads((root / "runs" / v / "evaluation" / "summary.json").read_text()) for v in ("v1", "v2", "v3")]
-    assert [r["run"] for r in rows] == ["v1", "v2", "v3"] and rows[0]["verdict"] == "first model"
-    registry = json.loads((root / "registry.json").read_text())
-    (entry,) = registry["galleries"].values()
-    backfilled = {r["run"] for r in rows if r["backfill"]}
-    assert entry["gallery_model"]["version"] == max(backfilled)  # the last backfill is the gallery model
-    assert entry["query_model"]["version"] == "v3"
+    rows = [json.loads((root / "runs" / v / "evaluation" / "summary.json").read_text()) for v in RUNS]
+    assert [r["run"] for r in rows] == list(RUNS)
+    for r in rows:
+        assert r["floor_map_at_r"] is not None and r["below_floor"] == (r["m_new_new"] < r["floor_map_at_r"])
+        assert not (r["below_floor"] and r["verdict"] != "rejected"), r
+    registry = root / "registry.json"
+    served = [r["run"] for r in rows if r["verdict"] != "rejected"]
+    if served:
+        (entry,) = json.loads(registry.read_text())["galleries"].values()
+        assert entry["query_model"]["version"] == served[-1]
+    else:
+        assert not registry.exists()
     summary = (root / "demo_summary.md").read_text().splitlines()
-    assert len(summary) == 2 + 3 and all(f"| {v} |" in line for v, line in zip(("v1", "v2", "v3"), summary[2:]))
+    assert summary[2].startswith("| floor (raw pixels) |") and len(summary) == 3 + len(RUNS)
+    assert all(f"| {v} |" in line for v, line in zip(RUNS, summary[3:]))

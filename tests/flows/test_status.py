@@ -44,8 +44,8 @@ def test_status_shows_the_registry_and_the_runs_newest_first(tmp_path):
              finished_at="2026-01-02T11:00:00+00:00")
     _summary(root, "v1", verdict="first model", backfill=True, recall_at_1=0.75, nfr=None,
              finished_at="2026-01-02T10:00:00+00:00")
-    _summary(root, "v3", verdict="backfill", backfill=True, recall_at_1=0.5, nfr=0.25,
-             finished_at="2026-01-02T12:00:00+00:00")
+    _summary(root, "v3", verdict="rejected", below_floor=True, backfill=False, recall_at_1=0.5, nfr=0.25,
+             floor_recall_at_1=0.6, map_at_r=0.2, floor_map_at_r=0.3, finished_at="2026-01-02T12:00:00+00:00")
     (root / "runs" / "trained-only" / "checkpoints").mkdir(parents=True)  # no summary: not listed
     (root / "runs" / "broken" / "evaluation").mkdir(parents=True)
     (root / "runs" / "broken" / "evaluation" / "summary.json").write_text("{not json")
@@ -59,8 +59,9 @@ def test_status_shows_the_registry_and_the_runs_newest_first(tmp_path):
     assert _row(reg, "fmnist") == ["fmnist", "v1", "v2", f"{root}/indexes/fmnist/v1/manifest.json", updated]
     assert _row(reg, "other")[1:3] == ["w1", "w1"]
     runs = _render(runs_table)
-    assert _row(runs, "v3") == ["v3", "backfill", "yes", "0.500", "0.250", "2026-01-02T12:00:00+00:00"]
-    assert _row(runs, "v2") == ["v2", "compatible", "no", "0.812", "0.031", "2026-01-02T11:00:00+00:00"]
+    assert _row(runs, "v3") == ["v3", "rejected (below floor)", "no", "0.500", "0.600", "0.200", "0.300", "0.250",
+                                "2026-01-02T12:00:00+00:00"]
+    assert _row(runs, "v2") == ["v2", "compatible", "no", "0.812", "-", "-", "-", "0.031", "2026-01-02T11:00:00+00:00"]
     assert _row(runs, "v1")[1:5] == ["first model", "yes", "0.750", "-"]
     order = [c for c in (line.split("│")[1].strip() for line in runs if line.count("│") > 5) if c]
     assert order == ["v3", "v2", "v1", "broken"]  # newest first; a summary with no time last

@@ -14,6 +14,7 @@ import pytest
 
 from dml_core import storage
 from dml_core.metrics.evaluate import evaluate_embeddings
+from dml_core.metrics.floor import pixel_floor
 from dml_core.sweep import REPORT_FILE, SWEEPS, TABLE_JSON, TABLE_MD
 from dml_core.training.embed import embed_split
 from tasks.train import newest_checkpoint_url
@@ -56,6 +57,8 @@ def test_two_trial_sweep_writes_reports_and_a_table_that_recomputation_reproduce
             assert row[key] == pytest.approx(again["retrieval"][key], abs=1e-9), key
         for key in ("opis", "eps_opis"):
             assert row[key] == pytest.approx(again["opis"][key], rel=1e-6, abs=1e-12), key
+        floor = pixel_floor(fmnist_shards["manifest"], "eval", image_size=28, channels=1, cache=False)
+        assert (row["floor_recall_at_1"], row["floor_map_at_r"]) == (floor["recall_at_k"]["1"], floor["map_at_r"])
     assert table["trials"][0]["recall_at_1"] != table["trials"][1]["recall_at_1"] or \
         table["trials"][0]["opis"] != table["trials"][1]["opis"]  # two distinct models were evaluated
 

@@ -1,11 +1,12 @@
 """The serving update, end to end on tiny data: v1 is backfilled and indexed; v2, whose gate decision is allowed,
 only becomes the query model (no gallery embedding at all), and its queries against v1's index return brute
-force's neighbours; v3 (unrelated) is gated for real on the evaluation split against v1, the gallery model,
-refused and backfilled; a driver killed during that backfill leaves the registry as it was.
+force's neighbours; an untrained model is gated for real on the evaluation split (below the raw-pixel floor,
+worse than what is served) and rejected with the registry byte for byte as it was; v3 is backfilled, and a
+driver killed during that backfill leaves the registry as it was.
 
-v2's decision is given, not measured: models this small, trained for seconds, are not compatible on the
-evaluation split's unseen classes (BCT or not: M(new,old) 0.13-0.23 against M(old,old) 0.52); the gate itself
-is checked against its formulas in tests/dml_core/metrics."""
+The decisions other than the rejection are given, not measured: models this small, trained for seconds, are
+below the raw-pixel floor on the evaluation split's unseen Fashion-MNIST classes; the gate itself is checked
+against its formulas in tests/dml_core/metrics and its outcomes in tests/dml_core/gallery/test_update.py."""
 import os
 import signal
 import subprocess
@@ -52,6 +53,13 @@ def _random_checkpoint(raw: dict, seed: int) -> str:
     return url
 
 
+def _given(outcome: str):
+    """A gate decision with `outcome` ("first" or "backfill"), given rather than measured."""
+    from dml_core.metrics.gate import ACTIONS, GateDecision
+
+    return GateDecision(outcome, ACTIONS[outcome], "recall_at_1", 1.0, -1.0)
+
+
 def _allowed():
     """A real gate decision on embeddings that share one space: class centres, noisier in the old model."""
     from dml_core.metrics.compatibility import evaluate_compatibility
@@ -71,13 +79,16 @@ def _kill_during_backfill(raw: dict, checkpoint: str, version: str) -> subproces
         import os, signal, sys
         sys.path.insert(0, {REPO!r})
         from dml_core.config import config_from_dict
+        from dml_core.metrics.gate import ACTIONS, GateDecision
         from tasks.update import run_update
 
         def on_shard(n, record):
             if n == 3:
                 os.kill(os.getpid(), signal.SIGKILL)
 
-        run_update(config_from_dict({raw!r}), {checkpoint!r}, {version!r}, on_shard=on_shard)
+        backfill = GateDecision("backfill", ACTIONS["backfill"], "recall_at_1", 1.0, -1.0)
+        run_update(config_from_dict({raw!r}), {checkpoint!r}, {version!r}, on_shard=on_shard,
+                   decide=lambda current: backfill)
     """)
     return subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=600)
 
@@ -89,7 +100,7 @@ def test_compatible_update_needs_no_backfill_and_an_incompatible_one_switches(tm
     raw1 = _raw(root, manifest, "v1")
     v1 = ModelRef("v1", _random_checkpoint(raw1, seed=0))
 
-    first = run_update(config_from_dict(raw1), v1.checkpoint)
+    first = run_update(config_from_dict(raw1), v1.checkpoint, decide=lambda current: _given("first"))
     assert first.action == "first" and registry.gallery(gallery).gallery_model == v1
 
     cfg2 = config_from_dict(_raw(root, manifest, "v2"))
@@ -97,9 +108,9 @@ def test_compatible_update_needs_no_backfill_and_an_incompatible_one_switches(tm
     v2 = ModelRef("v2", storage.join(cfg2.run_dir, "checkpoints", f"checkpoint_{final['step']:08d}"))
     wide = ModelRef("wide", _random_checkpoint(_raw(root, manifest, "wide", model={"embedding_dim": 24}), seed=0))
     with pytest.raises(RegistryError, match=r"embeds into 24 dimensions.*holds 16"):
-        run_update(cfg2, wide.checkpoint, "wide", decide=lambda old: _allowed())
+        run_update(cfg2, wide.checkpoint, "wide", decide=lambda current: _allowed())
     asked = []
-    second = run_update(cfg2, v2.checkpoint, decide=lambda old: asked.append(old) or _allowed())
+    second = run_update(cfg2, v2.checkpoint, decide=lambda current: asked.append(current.gallery_model) or _allowed())
     assert second.action == "query_model", second.decision.reasons()
     assert asked == [v1] and second.old_model == v1 and registry.gallery(gallery).query_model == v2
     assert not storage.exists(storage.join(root, GALLERIES, gallery, "v2"))  # no embedding of the gallery
@@ -117,14 +128,20 @@ def test_compatible_update_needs_no_backfill_and_an_incompatible_one_switches(tm
     assert torch.equal(served.ids, brute)
     assert torch.equal(served.labels, old_gallery.labels[sims.topk(5, dim=1).indices])
 
+    raw4 = _raw(root, manifest, "untrained")
+    before = storage.read_bytes(registry.url)
+    rejected = run_update(config_from_dict(raw4), _random_checkpoint(raw4, seed=2))  # the real gate
+    assert rejected.action == "rejected" and rejected.decision.below_floor, rejected.decision.reasons()
+    assert rejected.decision.served is not None  # compared with what v2 serves against v1's gallery
+    assert storage.read_bytes(registry.url) == before
+    assert not storage.exists(storage.join(root, GALLERIES, gallery, "untrained"))
+
     raw3 = _raw(root, manifest, "v3")
     v3 = ModelRef("v3", _random_checkpoint(raw3, seed=1))
-    before = storage.read_bytes(registry.url)
     killed = _kill_during_backfill(raw3, v3.checkpoint, "v3")
     assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()[-2000:]
     assert storage.read_bytes(registry.url) == before  # never an incomplete index
-    third = run_update(config_from_dict(raw3), v3.checkpoint)
-    assert third.action == "switch" and third.old_model == v1  # gated against the gallery model, not v2
-    assert not third.decision.allowed
+    third = run_update(config_from_dict(raw3), v3.checkpoint, decide=lambda current: _given("backfill"))
+    assert third.action == "switch" and third.old_model == v1  # compared with the gallery model, not v2
     assert registry.gallery(gallery).gallery_model == registry.gallery(gallery).query_model == v3
     assert [h["event"] for h in registry.history(gallery)] == ["switch", "query_model", "switch"]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dml_core.data.sources import (FontGlyphSource, ImageFolderSource, ItemError, ManifestSource, SourceError,
+from dml_core.data.sources import (ImageFolderSource, ItemError, ManifestSource, SourceError,
                                    SyntheticSource, fashion_mnist, parse_idx, read_idx)
 from dml_core.data.sources.idx import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR
 
@@ -181,64 +181,3 @@ def test_synthetic_images_any_size():
     a = src.load(src.list_items()[0])
     assert a.shape == (37, 53, 3) and a.dtype == np.uint8
     assert src.fingerprint() == SyntheticSource(2, 2, kind="images", image_size=(37, 53), seed=0).fingerprint()
-
-
-# ---- fonts
-
-def _check_font_items(src, items):
-    from fontTools.ttLib import TTFont
-
-    cmaps = {}
-    for item in items:
-        cp_text, font_rel = item.ref.split("@")
-        font_rel = font_rel.split("#")[0]
-        cp = int(cp_text[2:], 16)
-        if font_rel not in cmaps:
-            cmaps[font_rel] = TTFont(f"{src.font_root}/{font_rel}", lazy=True).getBestCmap()
-        assert cmaps[font_rel].get(cp, ".notdef") != ".notdef", item.ref  # glyph really exists
-        assert item.class_name == f"U+{cp:04X} {chr(cp)}"
-        px = src.load(item)
-        assert px.shape == (src.image_size, src.image_size) and px.dtype == np.uint8 and px.max() > 0
-
-
-def test_font_glyphs_subset_real_glyphs_distinct_classes():
-    src = FontGlyphSource(image_size=24, max_classes=30)
-    items = src.list_items()
-    counts = collections.Counter(i.class_name for i in items)
-    assert len(counts) == 30 and min(counts.values()) >= 20
-    assert len({i.ref.split("@")[1] for i in items}) >= 20  # many different fonts
-    _check_font_items(src, items)
-    assert src.fingerprint() == FontGlyphSource(image_size=24, max_classes=30).fingerprint()
-    assert src.fingerprint() != FontGlyphSource(image_size=32, max_classes=30).fingerprint()
-
-
-def test_font_glyphs_augmentation_fills_classes_deterministically():
-    src = FontGlyphSource(image_size=24, max_classes=3, min_items=70, seed=5)
-    items = src.list_items()
-    counts = collections.Counter(i.class_name for i in items)
-    assert set(counts.values()) == {70}
-    aug = [i for i in items if "#aug" in i.ref]
-    assert aug
-    again = FontGlyphSource(image_size=24, max_classes=3, min_items=70, seed=5)
-    other = FontGlyphSource(image_size=24, max_classes=3, min_items=70, seed=6)
-    for item in aug[:10]:
-        base = src.load(type(item)(item.ref.split("#")[0], item.class_name))
-        assert not np.array_equal(src.load(item), base)  # really transformed
-        np.testing.assert_array_equal(src.load(item), again.load(item))
-    assert any(not np.array_equal(src.load(i), other.load(i)) for i in aug[:10])
-
-
-@pytest.mark.slow
-def test_font_glyphs_full_dataset_has_500_classes_of_20():
-    src = FontGlyphSource()  # the documented default: 32x32
-    items = src.list_items()
-    counts = collections.Counter(i.class_name for i in items)
-    assert len(counts) >= 500 and min(counts.values()) >= 20
-    assert not any("#aug" in i.ref for i in items)  # enough real fonts: no augmentation needed
-    rng = np.random.default_rng(0)
-    _check_font_items(src, [items[i] for i in rng.choice(len(items), 300, replace=False)])
-    # in the font with the most glyphs (the reference), no two classes render identically
-    fonts = collections.Counter(i.ref.split("@")[1] for i in items)
-    reference = fonts.most_common(1)[0][0]
-    renders = [src.load(i).tobytes() for i in items if i.ref.split("@")[1] == reference]
-    assert len(set(renders)) == len(renders) == fonts[reference]
