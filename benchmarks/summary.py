@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-ORDER = ["loss_memory", "decomposable_bias", "eval_scale", "data_throughput", "train_throughput", "pc_throughput",
+ORDER = ["glyph_dataset", "loss_memory", "decomposable_bias", "eval_scale", "data_throughput", "train_throughput", "pc_throughput",
          "index_build_search", "backfill_throughput", "shard_preflight", "demo_story"]
 HEADER = """# Benchmarks
 

@@ -149,7 +149,8 @@ def evaluate(config: ConfigArg, checkpoint: Checkpoint = None,
              old: Annotated[Optional[str], typer.Option(
                  help="Old model's checkpoint folder to check compatibility with; default: the gallery model.")] = None,
              sets: Sets = None, debug: Debug = False) -> None:
-    """Evaluate a checkpoint: retrieval metrics, OPIS, compatibility with the gallery model, the gate."""
+    """Evaluate a checkpoint: retrieval metrics beside the raw-pixel floor, OPIS, compatibility with what is
+    served, the gate."""
     with _errors(debug):
         _prepare(config, sets)
         from flows.stages import evaluate_flow

@@ -92,8 +92,11 @@ def default_workers() -> int:
 
 
 class RenderPool:
-    """`map(fn, args_list)` in order, in `workers` forked processes, or in this process for workers=1.
-    Fork, not spawn: workers need not re-import the caller's main module, and they only touch fonts."""
+    """`map(fn, args_list)` in order, in `workers` processes, or in this process for workers=1.
+    The workers come from a forkserver, not a plain fork: the shard stage runs inside a Prefect flow, whose
+    threads may hold a lock (logging, Prefect's services) at the moment of a fork, and a forked worker that
+    inherits it waits forever. A script that builds a source must guard its main code
+    (`if __name__ == "__main__":`), as for any DataLoader with workers."""
 
     def __init__(self, workers: int | None = None) -> None:
         self.workers = workers or default_workers()
@@ -101,7 +104,7 @@ class RenderPool:
 
     def __enter__(self) -> "RenderPool":
         if self.workers > 1:
-            self._pool = multiprocessing.get_context("fork").Pool(self.workers)
+            self._pool = multiprocessing.get_context("forkserver").Pool(self.workers)
         return self
 
     def __exit__(self, *exc) -> None:
