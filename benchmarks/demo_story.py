@@ -53,7 +53,8 @@ def one_run(cfg) -> dict:
     old, served = current_serving(cfg)
     evaluation = run_evaluation(cfg, trained.checkpoint, old, served=served)
     times["evaluate"], t = time.perf_counter() - t, time.perf_counter()
-    update = run_update(cfg, trained.checkpoint, decide=lambda current: GateDecision.from_dict(evaluation["metrics"]["gate"]))
+    decision = GateDecision.from_dict(evaluation["metrics"]["gate"])
+    update = run_update(cfg, trained.checkpoint, decide=lambda current: decision)
     times["update"] = time.perf_counter() - t
     row = {k: v for k, v in evaluation["summary"].items() if k not in ("reasons", "finished_at")}
     return {**row, "action": update.action, "backfill": update.backfilled,

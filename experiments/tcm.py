@@ -12,7 +12,8 @@ from experiments.common import Context, cell, mean_std, sweep, table
 
 ARMS = {"without TCM": "{lambda_pos: 0, lambda_neg: 0}", "with TCM": "{lambda_pos: 1, lambda_neg: 1}"}
 DATASETS = {"fmnist": "tcm_fmnist.yaml", "fonts": "tcm_fonts.yaml"}
-METRICS = (("Recall@1", "recall_at_1"), ("MAP@R", "map_at_r"), ("OPIS", "opis"), ("eps-OPIS", "eps_opis"))
+METRICS = (("Recall@1", "recall_at_1"), ("floor R@1", "floor_recall_at_1"), ("MAP@R", "map_at_r"),
+           ("floor MAP@R", "floor_map_at_r"), ("OPIS", "opis"), ("eps-OPIS", "eps_opis"))
 TINY = ["train.steps=4", "train.log_every=2", "data.source.max_per_class=40"]
 TINY_FONTS = ["data.source.max_classes=40", "data.p=8", "data.batch_size=32"]  # tiny mode only loads this config
 

@@ -23,15 +23,17 @@ def metric_rows(metrics: dict) -> list[dict]:
     rows = [{"metric": f"Recall@{k}", "value": v, "floor": floor["recall_at_k"].get(k)}
             for k, v in metrics["recall_at_k"].items()]
     rows += [{"metric": "MAP@R", "value": metrics["map_at_r"], "floor": floor.get("map_at_r")},
-             {"metric": "OPIS", "value": metrics["opis"]}, {"metric": f"{metrics['eps']:g}-OPIS", "value": metrics["eps_opis"]}]
+             {"metric": "OPIS", "value": metrics["opis"]},
+             {"metric": f"{metrics['eps']:g}-OPIS", "value": metrics["eps_opis"]}]
     for name, s in (metrics.get("compatibility") or {}).items():
         rows += [{"metric": f"{name} M({q},{g})", "value": s[f"{q}_{g}"]}
                  for q, g in (("old", "old"), ("new", "new"), ("new", "old"))]
         rows.append({"metric": f"{name} update gain", "value": s["update_gain"]})
     if metrics.get("nfr") is not None:
-        rows += [{"metric": "NFR (new,old)", "value": metrics["nfr"]}, {"metric": "NFI (new,old)", "value": metrics["nfi"]}]
-    return [{"metric": r["metric"], **{k: "n/a" if r.get(k) is None else round(float(r[k]), 6) for k in ("value", "floor")}}
-            for r in rows]
+        rows += [{"metric": "NFR (new,old)", "value": metrics["nfr"]},
+                 {"metric": "NFI (new,old)", "value": metrics["nfi"]}]
+    rounded = lambda v: "n/a" if v is None else round(float(v), 6)  # noqa: E731
+    return [{"metric": r["metric"], "value": rounded(r["value"]), "floor": rounded(r.get("floor"))} for r in rows]
 
 
 def gate_markdown(row: dict) -> str:

@@ -12,10 +12,8 @@ from dml_core.data.manifest import Manifest
 from dml_core.gallery.embeddings import MANIFEST_FILE, load_gallery
 from dml_core.gallery.registry import GalleryEntry, ModelRef, Registry
 from dml_core.gallery.update import UpdateResult, check_index, update_serving
-from dml_core.metrics.compatibility import evaluate_compatibility, metric_value
-from dml_core.metrics.floor import floor_score
+from dml_core.metrics.evaluate import decide_gate
 from dml_core.metrics.gate import GateDecision
-from dml_core.metrics.retrieval import evaluate_retrieval
 from tasks.backfill import run_backfill
 from tasks.evaluate import config_floor, config_gate, embed_models
 
@@ -23,14 +21,11 @@ from tasks.evaluate import config_floor, config_gate, embed_models
 def gate_decision(cfg: Config, manifest: Manifest, current: GalleryEntry | None, checkpoint: str) -> GateDecision:
     """METHODS 6 on the evaluation split (leave-one-out): the new model against what `current` serves (its
     gallery model, and its query model in a chain), and the raw-pixel floor."""
-    old = None if current is None else current.gallery_model
-    new, old_emb, served_emb = embed_models(cfg, manifest, checkpoint, old, None if old is None else current.query_model)
-    gate = config_gate(cfg)
-    floor = floor_score(config_floor(cfg, manifest, checkpoint), gate.metric)
-    if old_emb is None:
-        return gate.first(metric_value(evaluate_retrieval(new.z, new.labels, ks=(1,)), gate.metric), floor)
-    compat = evaluate_compatibility(old_emb.z, new.z, new.labels, served_query=None if served_emb is None else served_emb.z)
-    return gate.decide(compat, floor)
+    old, served = (None, None) if current is None else (current.gallery_model, current.query_model)
+    new, old_emb, served_emb = embed_models(cfg, manifest, checkpoint, old, served)
+    return decide_gate(new.z, new.labels, old_z=None if old_emb is None else old_emb.z,
+                       served_z=None if served_emb is None else served_emb.z,
+                       floor=config_floor(cfg, manifest, checkpoint), gate=config_gate(cfg))[1]
 
 
 def backfill_and_index(cfg: Config, model: ModelRef, on_shard=None) -> tuple[str, str]:

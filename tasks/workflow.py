@@ -55,7 +55,7 @@ def _evaluate_key(_, params: dict) -> str:
     models = [params["old"], params.get("served")]
     return "evaluate-" + sha256_json([evaluate.evaluation_dir(cfg), cfg.data.dataset, cfg.data.version,
                                       checkpoint_hash(params["checkpoint"]), params.get("version"),
-                                      *(None if m is None else [m.version, checkpoint_hash(m.checkpoint)] for m in models),
+                                      *(m and [m.version, checkpoint_hash(m.checkpoint)] for m in models),
                                       cfg.gate.__dict__, cfg.data.on_error])
 
 
@@ -85,7 +85,7 @@ def _update(cfg: Config, checkpoint: str, gate: dict, old: ModelRef | None, serv
 
     result = run_update(cfg, checkpoint, decide=decide,
                         on_backfill=lambda stage, m: events.emit_backfill(stage, gallery, m, cfg.run.name))
-    if result.entry is not None and result.action != "rejected":
+    if result.action != "rejected":
         events.emit_switched(gallery, result.action, result.entry, cfg.run.name)
     entry = result.entry
     return {"gallery": gallery, "action": result.action, "backfill": result.backfilled,

@@ -55,7 +55,8 @@ def pixel_floor(manifest: Manifest, split: str = "eval", *, image_size: int | No
                                num_workers=num_workers, endpoint_url=endpoint_url, on_error=on_error)
     r = evaluate_retrieval(z, labels, ks=tuple(ks))
     out = {"what": "raw pixels: resized, flattened, L2-normalised", "split": split, "image_size": image_size,
-           "channels": channels, "dim": int(z.shape[1]), "dataset": {"name": manifest.name, "version": manifest.version},
+           "channels": channels, "dim": int(z.shape[1]),
+           "dataset": {"name": manifest.name, "version": manifest.version},
            "fingerprint": manifest.fingerprint, "num_queries": r.num_queries,
            "recall_at_k": {str(k): v for k, v in sorted(r.recall.items())}, "map_at_r": r.map_at_r}
     if cache:

@@ -50,6 +50,7 @@ def test_tcm_tables_match_each_trials_report_and_metrics_log(tiny):
             arm = "with TCM" if trial["values"]["loss.tcm"]["lambda_pos"] else "without TCM"
             assert data["summary"][arm]["opis"]["mean"] == pytest.approx(report["opis"]["opis"])
             assert data["summary"][arm]["recall_at_1"]["mean"] == pytest.approx(report["retrieval"]["recall_at_1"])
+            assert data["summary"][arm]["floor_map_at_r"]["mean"] == pytest.approx(report["floor"]["map_at_r"])
             lines = _run_file(root, trial["run"], "metrics.jsonl").read_text().splitlines()
             steps = [json.loads(line) for line in lines if '"step"' in line and '"event"' not in line]
             assert data["hard_pairs"][arm]["hard_neg"] == [float(s["tcm/hard_neg"]) for s in steps]

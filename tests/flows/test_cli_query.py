@@ -58,6 +58,7 @@ def served_gallery(tmp_path_factory):
     from dml_core.data.shard_stream import iter_shard
     from dml_core.gallery.registry import ModelRef, Registry
     from dml_core.gallery.update import check_index, update_serving
+    from dml_core.metrics.gate import UpdateGate
     from tests.tasks._gallery_helpers import shard_gallery_dataset
 
     tmp = tmp_path_factory.mktemp("query")
@@ -68,7 +69,8 @@ def served_gallery(tmp_path_factory):
     v1 = config_from_dict(raw)
     v2 = config_from_dict({**raw, "run": {"name": "v2", "root": root}})
     registry = Registry(root, check_index=check_index)
-    update_serving(registry, manifest.name, ModelRef("v1", _checkpoint(v1, 0)), decide=None,
+    first = UpdateGate().first(1.0)  # the first model of the gallery, given (untrained models are below the floor)
+    update_serving(registry, manifest.name, ModelRef("v1", _checkpoint(v1, 0)), decide=lambda current: first,
                    backfill=_backfill_in_process(v1, manifest))
     registry.set_query_model(manifest.name, ModelRef("v2", _checkpoint(v2, 1)), "test: another query model")
     images = []

@@ -154,10 +154,11 @@ def test_dml_serve_runs_the_retrain_flow_from_cron_as_a_run_of_its_own(tmp_path)
 
     root = tmp_path / "root"
     config = write_config(str(tmp_path), run={"name": "nightly", "root": str(root)}, train={"steps": 600})
+    # --set train.steps=300 below: the command's items reach the flow (300 steps clear the raw-pixel floor)
     env = _serve_env(tmp_path)
     log = tmp_path / "serve.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen([*dml_command(), "serve", config, "--cron", "* * * * *", "--set", "train.steps=10"],
+        proc = subprocess.Popen([*dml_command(), "serve", config, "--cron", "* * * * *", "--set", "train.steps=300"],
                                 cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT)
     watch = DescendantWatch(proc.pid)
     _wait_for(proc, str(log), str(root / "registry.json"), timeout=480)  # written last
@@ -167,7 +168,7 @@ def test_dml_serve_runs_the_retrain_flow_from_cron_as_a_run_of_its_own(tmp_path)
     assert re.fullmatch(r"nightly-\d{8}-\d{4}", row["run"]) and row["verdict"] == "first model"
     entry = Registry(str(root)).gallery(DATASET)
     assert entry.gallery_model.version == entry.query_model.version == row["model_version"]
-    assert entry.gallery_model.checkpoint.endswith(checkpoint_dir_name(10))  # --set train.steps=10 reached it
+    assert entry.gallery_model.checkpoint.endswith(checkpoint_dir_name(300))  # --set train.steps=300 reached it
     assert (root / "prefect" / "prefect.db").exists()  # the server's home: under run.root
     assert _port_closed(output)
     assert "All deployments have been paused" in output

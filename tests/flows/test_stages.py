@@ -15,7 +15,7 @@ def test_the_gallery_model_without_a_gallery_model_names_the_field(prefect_api, 
     from flows.stages import train_flow
 
     config = write_config(str(tmp_path))
-    with pytest.raises(ConfigError, match=rf"{field}: gallery needs a gallery model.*'fmnist-tiny'"):
+    with pytest.raises(ConfigError, match=rf"{field}: gallery needs a gallery model.*'glyphs-tiny'"):
         train_flow(config, [setting])
     assert not os.path.exists(tmp_path / "storage" / "runs")  # nothing trained
 
@@ -29,6 +29,6 @@ def test_an_error_that_would_recur_is_not_retried(prefect_api, tmp_path):
 
     config = write_config(str(tmp_path))
     t0 = time.monotonic()
-    with pytest.raises(ConfigError, match="fmnist-tiny/deadbeef0000/manifest.json not found"):
+    with pytest.raises(ConfigError, match="glyphs-tiny/deadbeef0000/manifest.json not found"):
         train_flow(config, ["data.version=deadbeef0000"])
     assert time.monotonic() - t0 < 10

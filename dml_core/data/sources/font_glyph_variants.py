@@ -8,18 +8,18 @@ packages share a folder (fonts-dejavu-core and fonts-dejavu-extra).
 
 - "base": the original 642-class dataset (6 packages, Latin-1/Latin Extended-A, Greek, Cyrillic), kept
   exactly as it was so existing configs and datasets keep their fingerprints.
-- "many": 48 more packages (54 in all) (Noto core, URW base35, TeX Gyre, CMU, SIL, ...) and 22 Unicode blocks (Latin
-  Extended-B/Additional/C/D, IPA, modifier letters, Greek Extended, Cyrillic Supplement, punctuation,
+- "many": 48 more packages (54 in all) (Noto core, URW base35, TeX Gyre, CMU, SIL, ...) and 22 Unicode blocks
+  (Latin Extended-B/Additional/C/D, IPA, modifier letters, Greek Extended, Cyrillic Supplement, punctuation,
   super/subscripts, currency, letterlike, number forms, arrows, mathematical operators, geometric shapes,
-  ligatures). From fonts-noto-core only the Latin-Greek-Cyrillic families (Noto Sans, Serif, Sans Mono,
-  Sans/Serif Display): its ~100 script fonts carry copies of Noto Sans's Latin letters and digits, which
-  would be near-duplicate images of one class. Box drawing and block elements are left out: they are drawn to the cell edge and look the
-  same in every font. At most 2 styles per family (Regular and Italic first, then Bold, Bold Italic, then
-  the rest in path order): families such as League Mono (40 styles), Junicode (38) or Inter (36) would
-  otherwise give one class dozens of near-identical weights, and a font-retrieval task hundreds of
-  classes that differ only by stroke width; 2 (not 4) also halves the images (~200k rather than
-  ~400k) and so the shard time, and an italic differs more from its roman than a bold does. fonts-lmodern is not used: Latin Modern is Computer Modern
-  again (fonts-cmu) in 72 optical sizes.
+  ligatures). From fonts-noto-core only the Latin-Greek-Cyrillic families (Noto Sans, Serif, Sans Mono, Sans/Serif
+  Display): its ~100 script fonts carry copies of Noto Sans's Latin letters and digits, which would be
+  near-duplicate images of one class. Box drawing and block elements are left out: they are drawn to the cell edge
+  and look the same in every font. At most 2 styles per family (Regular and Italic first, then Bold, Bold Italic,
+  then the rest in path order): families such as League Mono (40 styles), Junicode (38) or Inter (36) would
+  otherwise give one class dozens of near-identical weights, and a font-retrieval task hundreds of classes that
+  differ only by stroke width; 2 (not 4) also halves the images (~200k rather than ~400k) and so the shard time,
+  and an italic differs more from its roman than a bold does. fonts-lmodern is not used: Latin Modern is Computer
+  Modern again (fonts-cmu) in 72 optical sizes.
 """
 from __future__ import annotations
 
@@ -90,7 +90,8 @@ def _pkg(name: str, folder: str, marker: str = "*") -> FontPackage:
 _MANY_PACKAGES = tuple(FontPackage(p.name, f"fonts/truetype/{p.folder}", p.marker) for p in _BASE_PACKAGES) + (
     _pkg("fonts-noto-core", "truetype/noto", "NotoSans-*"), _pkg("fonts-noto-mono", "truetype/noto", "NotoMono-*"),
     _pkg("fonts-noto-core", "truetype/noto", "NotoSerif-*"), _pkg("fonts-noto-core", "truetype/noto", "NotoSansMono-*"),
-    _pkg("fonts-noto-core", "truetype/noto", "NotoSansDisplay-*"), _pkg("fonts-noto-core", "truetype/noto", "NotoSerifDisplay-*"),
+    _pkg("fonts-noto-core", "truetype/noto", "NotoSansDisplay-*"),
+    _pkg("fonts-noto-core", "truetype/noto", "NotoSerifDisplay-*"),
     _pkg("fonts-urw-base35", "opentype/urw-base35"), _pkg("fonts-texgyre", "texmf/fonts/opentype/public/tex-gyre"),
     _pkg("fonts-cmu", "truetype/cmu"), _pkg("fonts-sil-gentiumplus", "truetype/gentiumplus"),
     _pkg("fonts-sil-charis", "truetype/charis"), _pkg("fonts-sil-doulos", "truetype/doulos"),

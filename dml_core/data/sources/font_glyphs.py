@@ -131,8 +131,10 @@ class FontGlyphSource(Source):
             self.variant.check_installed(self.font_root)
             with RenderPool(self.render_workers) as pool:
                 fonts, classes = self._render_classes(pool)
-            self._items = self._glyph_items(fonts, classes) if self.task == "glyph" else self._font_items(fonts, classes)
-            self.stats.update(fonts=len(fonts), items=len(self._items), classes=len({i.class_name for i in self._items}))
+            items = self._glyph_items if self.task == "glyph" else self._font_items
+            self._items = items(fonts, classes)
+            self.stats.update(fonts=len(fonts), items=len(self._items),
+                              classes=len({i.class_name for i in self._items}))
             log.info("font glyphs: %s", self.stats)
         return self._items
 
@@ -206,7 +208,8 @@ class FontGlyphSource(Source):
             if len(glyphs) < self.min_glyphs_per_font:
                 continue
             if len(glyphs) > self.max_glyphs_per_font:
-                glyphs = [glyphs[k] for k in np.linspace(0, len(glyphs) - 1, self.max_glyphs_per_font).round().astype(int)]
+                keep = np.linspace(0, len(glyphs) - 1, self.max_glyphs_per_font).round().astype(int)
+                glyphs = [glyphs[k] for k in keep]
             for cp, px in glyphs:
                 self._pixels[ref := self._ref(cp, font)] = px
                 items.append(ItemRef(ref, font["full_name"]))
