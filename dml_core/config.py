@@ -157,12 +157,36 @@ class StorageSection:
 
 
 @dataclass
+class TransformationSection:
+    """FCT / FastFill (METHODS 6.1): a small h from the gallery model's (and side-info) embeddings to the new
+    model's, so the gallery follows a new model without reading an image; off when absent."""
+    branch_width: int = 256  # each input branch (old embedding, side-info); FCT: 256
+    trunk_width: int = 1024  # the trunk after the branches are joined; FCT: 2048 (for 128-d embeddings)
+    uncertainty: bool = True  # FastFill: h also predicts a log-variance per item (the partial backfill's order)
+    steps: int = 2000  # optimiser steps over batches of cached embeddings
+    batch_size: int = 512  # global batch (split over ray.num_workers)
+    lr: float = 5e-4  # Adam, cosine schedule (FCT)
+    lambda_c: float = 1.0  # weight of FastFill's point-to-cluster term (against the new model's class prototypes)
+    tau_c: float = 0.05  # its temperature
+    checkpoint_every: int = 500
+
+
+@dataclass
 class BackfillSection:
     gallery: Optional[str] = None  # the gallery's name; None: the dataset's name
     split: str = "gallery"  # the dataset split that is the gallery
     dtype: Literal["float32", "float16"] = "float32"  # of the stored embeddings
     batch_size: int = 256  # images per forward pass when embedding the gallery
     index: str = "Flat"  # FAISS index_factory string: Flat (exact), IVF<n>,Flat or HNSW<M> for large galleries
+    transformation: Optional[TransformationSection] = None  # FCT: the gate may serve a transformed gallery
+    # side-information for h: a checkpoint directory of a small model (e.g. trained self-supervised), embedded
+    # and stored beside every gallery embedding by a backfill; None: h sees the old embedding only
+    side_info: Optional[str] = None
+    # after a transformation, the share of the gallery re-embedded with the new model (FastFill), in
+    # `order`, `step_fraction` of the gallery per index swap; 0: none, 1: all (the gallery is then the new model's)
+    budget: float = 0.0
+    order: Literal["uncertainty", "random"] = "uncertainty"
+    step_fraction: float = 0.1
 
 
 @dataclass

@@ -67,6 +67,7 @@ def validate(cfg: Config, source: str = "config") -> None:
     _check_data_source(cfg, bad)
     if cfg.backfill.split not in SPLITS:
         bad("backfill.split", f"must be one of {', '.join(SPLITS)}, got {cfg.backfill.split!r}")
+    _check_backfill(cfg, bad, positive)
     if cfg.storage.retry_seconds < 0:
         bad("storage.retry_seconds", f"must be >= 0, got {cfg.storage.retry_seconds}")
     if cfg.ray.temp_dir is not None and not (cfg.ray.temp_dir.startswith("/")
@@ -77,6 +78,24 @@ def validate(cfg: Config, source: str = "config") -> None:
         if amount < 0:
             bad(f"ray.resources_per_worker.{res}", f"must be >= 0, got {amount}")
     _check_runs(cfg.runs, bad)
+
+
+def _check_backfill(cfg: Config, bad, positive) -> None:
+    """The transformation's sizes and rates, the partial backfill's budget and step."""
+    bf = cfg.backfill
+    if not 0 <= bf.budget <= 1:
+        bad("backfill.budget", f"must be a share of the gallery in [0, 1], got {bf.budget}")
+    if not 0 < bf.step_fraction <= 1:
+        bad("backfill.step_fraction", f"must be in (0, 1], got {bf.step_fraction}")
+    t = bf.transformation
+    if t is not None:
+        for key in ("branch_width", "trunk_width", "steps", "batch_size", "lr", "tau_c", "checkpoint_every"):
+            positive(f"backfill.transformation.{key}", getattr(t, key))
+        if t.lambda_c < 0:
+            bad("backfill.transformation.lambda_c", f"must be >= 0, got {t.lambda_c}")
+        if t.batch_size < 2 * cfg.ray.num_workers:
+            bad("backfill.transformation.batch_size", f"must give each of the ray.num_workers={cfg.ray.num_workers} "
+                                                      f"workers at least 2 items (BatchNorm), got {t.batch_size}")
 
 
 def _check_runs(runs: list[RunItem], bad) -> None:

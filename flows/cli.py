@@ -135,13 +135,30 @@ def train(config: ConfigArg, sets: Sets = None, debug: Debug = False) -> None:
 
 
 @app.command()
-def backfill(config: ConfigArg, checkpoint: Checkpoint = None, sets: Sets = None, debug: Debug = False) -> None:
-    """Embed the gallery with a checkpoint on Ray, build its index and switch the registry to it."""
+def backfill(config: ConfigArg, checkpoint: Checkpoint = None,
+             budget: Annotated[Optional[float], typer.Option(
+                 min=0.0, max=1.0, help="Re-embed this share (0-1) of the served transformed gallery with its query "
+                 "model, in backfill.order, swapping indexes as it goes (FastFill); default: embed the whole "
+                 "gallery with the checkpoint.")] = None,
+             sets: Sets = None, debug: Debug = False) -> None:
+    """Embed the gallery with a checkpoint on Ray, build its index and switch the registry to it; or, with
+    --budget, re-embed part of a transformed gallery."""
     with _errors(debug):
         _prepare(config, sets)
         from flows.stages import backfill_flow
 
-        _print_result("backfill", backfill_flow(config, list(sets or []), checkpoint=checkpoint))
+        _print_result("backfill", backfill_flow(config, list(sets or []), checkpoint=checkpoint, budget=budget))
+
+
+@app.command()
+def transform(config: ConfigArg, checkpoint: Checkpoint = None, sets: Sets = None, debug: Debug = False) -> None:
+    """Train h from the gallery model to a checkpoint's model, map the stored gallery through it (no image
+    read), index it and switch the registry to it (FCT)."""
+    with _errors(debug):
+        _prepare(config, sets)
+        from flows.stages import transform_flow
+
+        _print_result("transform", transform_flow(config, list(sets or []), checkpoint=checkpoint))
 
 
 @app.command()

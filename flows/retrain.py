@@ -1,6 +1,8 @@
-"""The retrain flow: shard -> train -> evaluate against what the registry serves and the raw-pixel floor ->
-gate -> reject (nothing changes), register the new query model (backfill-free) or backfill, index and switch
--> publish (summary row, artifacts)."""
+"""The retrain flow: shard -> train -> (with `backfill.transformation`: train h from the gallery model to the
+new one) -> evaluate against what the registry serves, the gallery transformed by h and the raw-pixel floor ->
+gate -> reject (nothing changes), register the new query model (backfill-free), serve the transformed gallery
+(then re-embed it in order up to `backfill.budget`), or backfill, index and switch -> publish (summary row,
+artifacts)."""
 from __future__ import annotations
 
 from prefect import flow
@@ -9,9 +11,10 @@ from dml_core.gallery.gallery_model import current_serving
 from flows.stages import evaluate_step, load, run_name, shard_step, train_step
 from tasks.ray_runtime import ray_session
 from tasks.shard import with_version
-from tasks.workflow import publish_task, update_task
+from tasks.workflow import publish_task, transformation_task, update_task
 
-VERDICTS = {"first": "first model", "query_model": "compatible", "switch": "backfill", "rejected": "rejected"}
+VERDICTS = {"first": "first model", "query_model": "compatible", "transformed": "transformed gallery", "switch": "backfill",
+            "rejected": "rejected"}
 
 
 @flow(name="retrain", flow_run_name=run_name)
@@ -22,7 +25,8 @@ def retrain_flow(config: str, overrides: list[str] | None = None) -> dict:
     old, served = current_serving(cfg)
     with ray_session():
         trained = train_step(cfg)
-        evaluation = evaluate_step(cfg, trained["checkpoint"], old, served)
-        update = update_task(cfg, trained["checkpoint"], evaluation["metrics"]["gate"], old, served)
+        h = transformation_task(cfg, trained["checkpoint"])
+        evaluation = evaluate_step(cfg, trained["checkpoint"], old, served, h)
+        update = update_task(cfg, trained["checkpoint"], evaluation["metrics"]["gate"], old, served, h)
     return publish_task(evaluation, cfg.gate.metric, VERDICTS[update["action"]], update["backfill"],
                         evaluation["summary"]["reasons"])

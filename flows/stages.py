@@ -12,7 +12,8 @@ from dml_core.gallery.gallery_model import current_serving, resolve_gallery_chec
 from dml_core.gallery.registry import ModelRef
 from tasks.ray_runtime import ray_session
 from tasks.shard import with_version
-from tasks.workflow import backfill_task, evaluate_task, run_cached, shard_task, train_task
+from tasks.workflow import (backfill_task, evaluate_task, partial_backfill_task, run_cached, shard_task, train_task,
+                            transform_task)
 
 
 def load(config: str, overrides: list[str] | None = None) -> Config:
@@ -50,9 +51,10 @@ def train_step(cfg: Config) -> dict:
     return out
 
 
-def evaluate_step(cfg: Config, checkpoint: str, old: ModelRef | None, served: ModelRef | None = None) -> dict:
+def evaluate_step(cfg: Config, checkpoint: str, old: ModelRef | None, served: ModelRef | None = None,
+                  transformation=None) -> dict:
     out, _ = run_cached(evaluate_task, lambda r: storage.exists(r["files"]["summary"]), cfg=cfg,
-                        checkpoint=checkpoint, old=old, served=served)
+                        checkpoint=checkpoint, old=old, served=served, transformation=transformation)
     return out
 
 
@@ -100,9 +102,23 @@ def run_of(checkpoint: str) -> str:
 
 
 @flow(name="backfill", flow_run_name=run_name)
-def backfill_flow(config: str, overrides: list[str] | None = None, checkpoint: str | None = None) -> dict:
+def backfill_flow(config: str, overrides: list[str] | None = None, checkpoint: str | None = None,
+                  budget: float | None = None) -> dict:
     """Embed and index the gallery with a checkpoint (default the run's newest) and switch the registry to it,
-    whatever the gate would say."""
+    whatever the gate would say; with a `budget`, re-embed that share of the served transformed gallery with its
+    query model instead (FastFill order, `backfill.order`), swapping indexes as it goes."""
     cfg = with_version(load(config, overrides))
     with ray_session():
+        if budget is not None:
+            cfg.backfill.budget = budget
+            return partial_backfill_task(cfg)
         return backfill_task(cfg, checkpoint or newest_checkpoint(cfg))
+
+
+@flow(name="transform", flow_run_name=run_name)
+def transform_flow(config: str, overrides: list[str] | None = None, checkpoint: str | None = None) -> dict:
+    """Train h from the gallery model to a checkpoint's model (default the run's newest), map the stored gallery
+    through it (no image read), index it and switch the registry to it, whatever the gate would say."""
+    cfg = with_version(load(config, overrides))
+    with ray_session():
+        return transform_task(cfg, checkpoint or newest_checkpoint(cfg))

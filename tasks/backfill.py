@@ -34,24 +34,50 @@ class BackfillResult:
     shards: int
 
 
+def model_key(checkpoint: str | None) -> tuple[str, str] | None:
+    """(checkpoint, file tag): an actor reloads a checkpoint rewritten in place."""
+    return None if checkpoint is None else (checkpoint, storage.file_tag(model_url(checkpoint)))
+
+
 @ray.remote
 class EmbedActor:
-    """Holds the model of the last checkpoint it was given; embeds whole shards into a gallery folder."""
+    """Holds the models of the last checkpoints it was given; embeds whole shards into a gallery folder, or
+    maps stored gallery shards through a transformation h."""
 
     def __init__(self, threads: int, use_gpu: bool) -> None:
         import torch
 
         torch.set_num_threads(threads)
         self.device = "cuda" if use_gpu else "cpu"
-        self.model_key, self.model = None, None
+        self.models: dict = {}
 
-    def embed(self, task, model_key: tuple[str, str], out_dir: str, options: dict) -> dict:
+    def _model(self, key: tuple[str, str] | None, load):
+        if key is None:
+            return None
+        held = self.models.get(key[0])
+        if held is None or held[0] != key:
+            held = self.models[key[0]] = (key, load(key[0]).to(self.device))
+        return held[1]
+
+    def embed(self, task, key: tuple[str, str], out_dir: str, options: dict, side_key=None) -> dict:
         from dml_core.gallery.embeddings import embed_shard
         from dml_core.training.embed import load_checkpoint_model
 
-        if model_key != self.model_key:  # (checkpoint, file tag): a checkpoint rewritten in place is reloaded
-            self.model, self.model_key = load_checkpoint_model(model_key[0]).to(self.device), model_key
-        return embed_shard(self.model, task, out_dir, device=self.device, **options)
+        return embed_shard(self._model(key, load_checkpoint_model), task, out_dir, device=self.device,
+                           side_model=self._model(side_key, load_checkpoint_model), **options)
+
+    def transform(self, task, key: tuple[str, str], out_dir: str, options: dict) -> dict:
+        from dml_core.gallery.transform import transform_shard
+        from dml_core.models.transformation import load_transformation
+
+        return transform_shard(self._model(key, load_transformation), task, out_dir, **options)
+
+    def embed_items(self, task, key: tuple[str, str], ids, options: dict) -> dict:
+        """The embeddings of the items `ids` of one dataset shard (a partial backfill's step), as arrays."""
+        from dml_core.gallery.partial_backfill import embed_items
+        from dml_core.training.embed import load_checkpoint_model
+
+        return embed_items(self._model(key, load_checkpoint_model), task, ids, device=self.device, **options)
 
 
 class EmbedPool:
@@ -106,22 +132,29 @@ def run_backfill(cfg: Config, checkpoint: str, model_version: str, on_shard=None
     if todo:
         options = {"dtype": bf.dtype, "batch_size": bf.batch_size, "on_error": cfg.data.on_error,
                    "attempt": uuid.uuid4().hex}
-        model_key = (checkpoint, storage.file_tag(model_url(checkpoint)))
-        own, pool = pool is None, pool or EmbedPool(cfg)
-        try:
-            _embed_all(pool.actors[:len(todo)], lambda a, t: a.embed.remote(t, model_key, out, options),
-                       todo, len(tasks), on_shard)
-        except BaseException:
-            pool.close()  # shards may still be queued on its actors
-            raise
-        if own:
-            pool.close()
-    meta = {"gallery": gallery, "model_version": model_version, "checkpoint": checkpoint,
+        key, side_key = model_key(checkpoint), model_key(bf.side_info)
+        run_on_pool(cfg, pool, lambda a, t: a.embed.remote(t, key, out, options, side_key), todo, len(tasks),
+                    on_shard)
+    meta = {"gallery": gallery, "model_version": model_version, "checkpoint": checkpoint, "side_info": bf.side_info,
             "dataset": {"name": manifest.name, "version": manifest.version, "split": bf.split}}
     return BackfillResult(out, write_manifest(out, tasks, meta), embedded=len(todo), shards=len(tasks))
 
 
-def _embed_all(actors: list, call, todo: list, total: int, on_shard) -> None:
+def run_on_pool(cfg: Config, pool: EmbedPool | None, call, todo: list, total: int, on_shard=None,
+                label: str = "backfill") -> None:
+    """`call(actor, task)` for every task of `todo` on the `pool`'s actors (else a pool of its own, closed at
+    the end); a failure closes the pool, whose actors may still hold queued tasks."""
+    own, pool = pool is None, pool or EmbedPool(cfg)
+    try:
+        _feed(pool.actors[:len(todo)], call, todo, total, on_shard, label)
+    except BaseException:
+        pool.close()
+        raise
+    if own:
+        pool.close()
+
+
+def _feed(actors: list, call, todo: list, total: int, on_shard, label: str) -> None:
     """Feed the shards to the actors (`call(actor, task)`), QUEUED waiting at each so none idles between
     shards; progress on the console."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -135,7 +168,7 @@ def _embed_all(actors: list, call, todo: list, total: int, on_shard) -> None:
     for actor in actors * QUEUED:
         submit(actor)
     done_before, items, t0 = total - len(todo), 0, time.perf_counter()
-    columns = (TextColumn("[backfill] shards"), BarColumn(), MofNCompleteColumn(),
+    columns = (TextColumn(f"[{label}] shards"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[rate]} items/s"), TimeRemainingColumn())
     with Progress(*columns, transient=False) as progress:
         bar = progress.add_task("embed", total=total, completed=done_before, rate="-")

@@ -9,6 +9,7 @@ import io
 import json
 
 import numpy as np
+import torch
 
 from dml_core import storage
 from dml_core.config import Config
@@ -19,6 +20,7 @@ from dml_core.metrics.floor import pixel_floor
 from dml_core.metrics.gate import UpdateGate
 from dml_core.metrics.summary import flat_metrics, summary_row
 from dml_core.training.embed import Embeddings, embed_with_config, read_model_spec
+from tasks.transform import TrainedTransformation
 
 EVALUATION = "evaluation"
 KS = (1, 5, 10)
@@ -30,12 +32,13 @@ def evaluation_dir(cfg: Config) -> str:
     return storage.join(cfg.run_dir, EVALUATION)
 
 
-def save_embeddings(url: str, new: Embeddings, old: Embeddings | None, served: Embeddings | None = None) -> None:
-    """The evaluation's inputs: new (and old, served) model's embeddings of the same items, labels, sample ids."""
+def save_embeddings(url: str, new: Embeddings, old: Embeddings | None, served: Embeddings | None = None,
+                    transformed: torch.Tensor | None = None) -> None:
+    """The evaluation's inputs: new (and old, served, h(old)) embeddings of the same items, labels, sample ids."""
     arrays = {"z": new.z.numpy(), "labels": new.labels.numpy(), "ids": new.ids.numpy()}
-    for name, emb in (("old_z", old), ("served_z", served)):
-        if emb is not None:
-            arrays[name] = emb.z.numpy()
+    for name, z in (("old_z", old and old.z), ("served_z", served and served.z), ("transformed_z", transformed)):
+        if z is not None:
+            arrays[name] = z.numpy()
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     storage.write_bytes_atomic(url, buf.getvalue())
@@ -69,21 +72,38 @@ def embed_models(cfg: Config, manifest: Manifest, checkpoint: str, old: ModelRef
     return new, others.get("old"), others.get("served")
 
 
+def transformed_embeddings(cfg: Config, manifest: Manifest, old: Embeddings, h: TrainedTransformation) -> torch.Tensor:
+    """h applied to the old model's embeddings of the eval split, with its side-info model's of the same items."""
+    from dml_core.models.transformation import load_transformation
+    from dml_core.training.transformation import apply_transformation
+
+    side_z = None
+    if h.side_info is not None:
+        side_emb = embed_with_config(cfg, h.side_info, manifest)
+        if not np.array_equal(side_emb.ids.numpy(), old.ids.numpy()):
+            raise RuntimeError(f"the side-info and old model embedded different items of {manifest.url} (eval split)")
+        side_z = side_emb.z
+    return apply_transformation(load_transformation(h.model.checkpoint), old.z, side_z)[0]
+
+
 def run_evaluation(cfg: Config, checkpoint: str, old: ModelRef | None, version: str | None = None,
-                   served: ModelRef | None = None) -> dict:
+                   served: ModelRef | None = None, transformation: TrainedTransformation | None = None) -> dict:
     """Evaluate the model of `checkpoint` (named `version`, default the run's name) against `old` (the
-    gallery model; None before the gallery's first model) and `served` (the registry's query model, when a
-    chain serves another model than `old`). Returns {"dir", "files", "metrics", "summary"}; the summary's
-    verdict is the gate's (what the update will do)."""
+    gallery model; None before the gallery's first model), `served` (the registry's query model, when a
+    chain serves another model than `old`) and, with a `transformation` h, the old gallery transformed by h. Returns {"dir", "files", "metrics", "summary"}; the summary's verdict is the
+    gate's (what the update will do)."""
     storage.use_endpoint(cfg.storage.endpoint_url)
     storage.use_retry_seconds(cfg.storage.retry_seconds)
     manifest = Manifest.read(cfg.data_root, cfg.data.dataset, cfg.data.version)
     new, old_emb, served_emb = embed_models(cfg, manifest, checkpoint, old, served)
+    transformed = None
+    if transformation is not None and old_emb is not None:
+        transformed = transformed_embeddings(cfg, manifest, old_emb, transformation)
     out = evaluation_dir(cfg)
     files = {k: storage.join(out, v) for k, v in FILES.items()}
-    save_embeddings(files["embeddings"], new, old_emb, served_emb)
+    save_embeddings(files["embeddings"], new, old_emb, served_emb, transformed)
     report = evaluate_embeddings(new.z, new.labels, ks=KS, old_z=None if old_emb is None else old_emb.z,
-                                 served_z=None if served_emb is None else served_emb.z,
+                                 served_z=None if served_emb is None else served_emb.z, transformed_z=transformed,
                                  floor=config_floor(cfg, manifest, checkpoint), gate=config_gate(cfg),
                                  plot_url=files["plot"])
     model_version = version or cfg.run.name
@@ -91,6 +111,7 @@ def run_evaluation(cfg: Config, checkpoint: str, old: ModelRef | None, version: 
     metrics = {"run": cfg.run.name, "model_version": model_version, "checkpoint": checkpoint,
                "gallery_model": gallery_model, "gallery_checkpoint": None if old is None else old.checkpoint,
                "served_query_model": None if served_emb is None else served.version,
+               "transformation": transformation and transformation.model.version,
                "dataset": {"name": manifest.name, "version": manifest.version, "split": "eval"},
                **flat_metrics(report)}
     report.meta.update({k: metrics[k] for k in ("run", "model_version", "gallery_model", "dataset")})

@@ -1,6 +1,6 @@
 """Prefect events of the serving update, so automations and other systems can react to it: a backfill
-starting and finishing, and every registry change (`action`: first, switch after a backfill, or query_model
-for a backfill-free update). Resource: `dml.gallery.<gallery>`; the model and run are related resources."""
+starting and finishing, and every registry change (`action`: first, switch after a backfill, query_model
+for a backfill-free update, transformed for a gallery mapped by h, reembedded after a partial backfill). Resource: `dml.gallery.<gallery>`; the model and run are related resources."""
 from __future__ import annotations
 
 from prefect.events import emit_event
@@ -28,9 +28,11 @@ def emit_backfill(stage: str, gallery: str, model: ModelRef, run: str) -> None:
 
 
 def emit_switched(gallery: str, action: str, entry: GalleryEntry, run: str) -> None:
-    """`dml.registry.switched`: the gallery's registry entry changed (`action`: first, switch, query_model)."""
+    """`dml.registry.switched`: the gallery's registry entry changed (`action`: first, switch, query_model,
+    transformed, reembedded); `backfill` says whether gallery images were embedded."""
     emit_event(REGISTRY_SWITCHED, resource=gallery_resource(gallery),
                related=[_model(entry.gallery_model, "gallery-model"), _model(entry.query_model, "query-model")],
-               payload={"run": run, "action": action, "backfill": action != "query_model",
+               payload={"run": run, "action": action, "backfill": action in ("first", "switch", "reembedded"),
                         "gallery_model": entry.gallery_model.version, "query_model": entry.query_model.version,
-                        "index": entry.index})
+                        "index": entry.index, "transformation": entry.transformation and entry.transformation.version,
+                        "reembedded": entry.reembedded})

@@ -77,27 +77,71 @@ def _report(metrics: dict, checkpoint_url: str | None) -> None:
 
 def train_worker(loop_config: dict) -> dict:
     """Ray Train entry point on every worker."""
+    cfg = config_from_dict(loop_config["config"])
+    worker = worker_context(cfg, loop_config)
+    return run_worker(loop_config, lambda: fit(cfg, loop_config["manifest"], worker))
+
+
+def fit_on_ray(cfg: Config, worker_fn, loop_config: dict, run_dir: str, callbacks: list | None = None):
+    """`worker_fn(loop_config)` on `ray.num_workers` Ray Train workers (a process group, restarts after a
+    failure); `loop_config` gains `first_error`, the actor that stops a restarted group after a recurring error.
+    Ray's bookkeeping stays on local disk and is removed after the run; returns Ray's result."""
+    from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    ray_runtime.init_ray(cfg, run_dir)
+    ray_runtime.check_placement(cfg)
+    bookkeeping = os.path.join(ray_runtime.ray_temp_dir(cfg, run_dir), "train")  # Ray's own, never on run storage
+    name = f"{cfg.run.name}-{uuid.uuid4().hex[:12]}"  # a fresh record per call: resuming is ours, from storage
+    first_error = FirstError.remote()
+    trainer = TorchTrainer(
+        worker_fn, train_loop_config={**loop_config, "first_error": first_error},
+        torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
+                                     resources_per_worker=dict(cfg.ray.resources_per_worker)),
+        run_config=RunConfig(
+            name=name, storage_path=bookkeeping, failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
+            logging_config=LoggingConfig(log_level="WARNING"),  # Ray Train's INFO stays in its log files
+            callbacks=list(callbacks or []),
+            worker_runtime_env={"env_vars": ray_runtime.worker_env(cfg)}),
+    )
+    try:
+        result = trainer.fit()
+    finally:
+        ray.kill(first_error)
+        shutil.rmtree(os.path.join(bookkeeping, name), ignore_errors=True)
+    if result.error is not None:
+        raise result.error
+    final = dict(result.return_value or {})
+    if "error" in final:
+        raise TrainingError(f"training stopped, not retried (it would fail again): {final['error']}")
+    return result
+
+
+def worker_context(cfg: Config, loop_config: dict) -> Worker:
+    """On a Ray Train worker: storage and torch threads set from the config, and who this worker is."""
     import gc
 
     import torch
 
     gc.freeze()  # Ray's many long-lived objects stay out of the collections each training step triggers
     ray_runtime.quiet_worker_logging()
-    cfg = config_from_dict(loop_config["config"])
     storage.use_endpoint(cfg.storage.endpoint_url)
     storage.use_retry_seconds(cfg.storage.retry_seconds)
-    manifest = loop_config["manifest"]
-    ctx = ray.train.get_context()
     torch.set_num_threads(max(1, int(cfg.ray.resources_per_worker.get("CPU", 1))))
-    worker = Worker(rank=ctx.get_world_rank(), world_size=ctx.get_world_size(),
-                    device=ray.train.torch.get_device(), node_id=ray.get_runtime_context().get_node_id(),
-                    report=_report, on_step=loop_config.get("on_step"))
+    ctx = ray.train.get_context()
+    return Worker(rank=ctx.get_world_rank(), world_size=ctx.get_world_size(), device=ray.train.torch.get_device(),
+                  node_id=ray.get_runtime_context().get_node_id(), report=_report, on_step=loop_config.get("on_step"))
+
+
+def run_worker(loop_config: dict, fit_fn: Callable[[], dict]) -> dict:
+    """`fit_fn()` unless an earlier group recorded a recurring error; records its own recurring error."""
     first_error = loop_config["first_error"]
     message = ray.get(first_error.get.remote())
     if message is not None:
         return {"error": message}
     try:
-        return fit(cfg, manifest, worker)
+        return fit_fn()
     except Exception as e:
         if recurs(e):
             ray.get(first_error.record.remote(f"{type(e).__name__}: {e}"))
@@ -137,39 +181,11 @@ def run_training(cfg: Config, on_step: Callable[[int, int], None] | None = None,
 
 
 def _train(cfg: Config, manifest, on_step, callbacks=None) -> TrainingResult:
-    from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
     run = cfg.run_dir
-    ray_runtime.init_ray(cfg, run)
-    ray_runtime.check_placement(cfg)
     storage.write_bytes_atomic(storage.join(run, "config.yaml"), cfg.to_yaml().encode())
-    bookkeeping = os.path.join(ray_runtime.ray_temp_dir(cfg, run), "train")  # Ray's own, never on run storage
-    name = f"{cfg.run.name}-{uuid.uuid4().hex[:12]}"  # a fresh record per call: resuming is ours, from storage
-    first_error = FirstError.remote()
-    trainer = TorchTrainer(
-        train_worker,
-        train_loop_config={"config": cfg.to_dict(), "manifest": manifest, "on_step": on_step,
-                           "first_error": first_error},
-        torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
-                                     resources_per_worker=dict(cfg.ray.resources_per_worker)),
-        run_config=RunConfig(
-            name=name, storage_path=bookkeeping, failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
-            logging_config=LoggingConfig(log_level="WARNING"),  # Ray Train's INFO stays in its log files
-            callbacks=list(callbacks or []),
-            worker_runtime_env={"env_vars": ray_runtime.worker_env(cfg)}),
-    )
-    try:
-        result = trainer.fit()
-    finally:
-        ray.kill(first_error)
-        shutil.rmtree(os.path.join(bookkeeping, name), ignore_errors=True)
-    if result.error is not None:
-        raise result.error
+    result = fit_on_ray(cfg, train_worker, {"config": cfg.to_dict(), "manifest": manifest, "on_step": on_step},
+                        run, callbacks)
     final = dict(result.return_value or {})
-    if "error" in final:
-        raise TrainingError(f"training stopped, not retried (it would fail again): {final['error']}")
     for url in prune_checkpoints(storage.join(run, CHECKPOINTS), cfg.train.keep_best):
         print(f"[train] removed {url} (train.keep_best={cfg.train.keep_best} ranks checkpoints by loss_avg)", flush=True)
     checkpoint = newest_checkpoint_url(run)

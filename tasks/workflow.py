@@ -14,7 +14,7 @@ from dml_core.config import Config, ConfigError
 from dml_core.data.manifest import ManifestError
 from dml_core.data.sources.base import sha256_file, sha256_json
 from dml_core.gallery.gallery_model import gallery_name
-from dml_core.gallery.registry import GalleryEntry, ModelRef
+from dml_core.gallery.registry import GalleryEntry, ModelRef, Registry
 from dml_core.metrics.gate import GateDecision
 from dml_core.training.embed import model_url
 from tasks import evaluate, events, publish, shard
@@ -52,11 +52,12 @@ def _train_key(_, params: dict) -> str:
 
 def _evaluate_key(_, params: dict) -> str:
     cfg: Config = params["cfg"]
-    models = [params["old"], params.get("served")]
+    h = params.get("transformation")
+    models = [params["old"], params.get("served"), h and h.model]
     return "evaluate-" + sha256_json([evaluate.evaluation_dir(cfg), cfg.data.dataset, cfg.data.version,
                                       checkpoint_hash(params["checkpoint"]), params.get("version"),
                                       *(m and [m.version, checkpoint_hash(m.checkpoint)] for m in models),
-                                      cfg.gate.__dict__, cfg.data.on_error])
+                                      h and h.side_info, cfg.gate.__dict__, cfg.data.on_error])
 
 
 def _train(cfg: Config) -> dict:
@@ -68,10 +69,27 @@ def _train(cfg: Config) -> dict:
             "skipped": result.skipped}
 
 
-def _update(cfg: Config, checkpoint: str, gate: dict, old: ModelRef | None, served: ModelRef | None = None) -> dict:
+def _transformation(cfg: Config, checkpoint: str):
+    """h from the registry's gallery model to the new model (`tasks.transform`) when `backfill.transformation`
+    is set and the gallery is a plain one; else None (no transformed option for the gate)."""
+    from tasks.transform import run_transformation_training
+
+    entry = Registry(cfg.run.root).gallery(gallery_name(cfg))
+    if cfg.backfill.transformation is None or entry is None:
+        return None
+    if entry.transformation is not None:
+        print(f"[transformation] gallery {gallery_name(cfg)} is served transformed by {entry.transformation.version}: "
+              f"h is not chained, so the gate chooses between the query model and a full backfill", flush=True)
+        return None
+    return run_transformation_training(cfg, checkpoint, entry)
+
+
+def _update(cfg: Config, checkpoint: str, gate: dict, old: ModelRef | None, served: ModelRef | None = None,
+            transformation=None) -> dict:
     """Serve the new model as the evaluation's gate decided against `old` (and `served`): rejected (nothing
-    changes), query model only, or backfill, index and switch; events bracket the backfill and announce the
-    registry change."""
+    changes), query model only, the gallery transformed by `transformation` (then re-embedded in order up to
+    `backfill.budget`), or backfill, index and switch; events bracket the backfill and announce the registry
+    change."""
     from tasks.update import run_update
 
     gallery = gallery_name(cfg)
@@ -83,19 +101,21 @@ def _update(cfg: Config, checkpoint: str, gate: dict, old: ModelRef | None, serv
                                f"{(old, served)}; run the retrain again")
         return GateDecision.from_dict(gate)
 
-    result = run_update(cfg, checkpoint, decide=decide,
+    result = run_update(cfg, checkpoint, decide=decide, transformation=transformation,
                         on_backfill=lambda stage, m: events.emit_backfill(stage, gallery, m, cfg.run.name))
     if result.action != "rejected":
         events.emit_switched(gallery, result.action, result.entry, cfg.run.name)
     entry = result.entry
+    if result.action == "transformed" and cfg.backfill.budget > 0:
+        _partial_backfill(cfg)
+        entry = Registry(cfg.run.root).gallery(gallery)
     return {"gallery": gallery, "action": result.action, "backfill": result.backfilled,
             "gallery_model": entry and entry.gallery_model.version, "query_model": entry and entry.query_model.version,
-            "index": entry and entry.index}
+            "index": entry and entry.index, "reembedded": entry and entry.reembedded}
 
 
 def _backfill(cfg: Config, checkpoint: str) -> dict:
     """Backfill and index the gallery with `checkpoint` (model `run.name`) and switch the registry to it."""
-    from dml_core.gallery.registry import Registry
     from dml_core.gallery.update import check_index
     from tasks.update import backfill_and_index
 
@@ -110,15 +130,60 @@ def _backfill(cfg: Config, checkpoint: str) -> dict:
             "index": index}
 
 
+def _transform(cfg: Config, checkpoint: str) -> dict:
+    """Train h from the gallery model to `checkpoint`'s model (model `run.name`), map the gallery through it,
+    index it and switch the registry to it, whatever the gate would say (`backfill.transformation`, or its
+    defaults when the config has none)."""
+    import copy
+
+    from dml_core.config import TransformationSection
+    from dml_core.gallery.registry import Registry, RegistryError
+    from dml_core.gallery.update import check_index
+    from tasks.transform import run_transformation_training, transform_gallery
+
+    gallery, model = gallery_name(cfg), ModelRef(cfg.run.name, checkpoint)
+    registry = Registry(cfg.run.root, check_index=check_index)
+    entry = registry.gallery(gallery)
+    if entry is None:
+        raise RegistryError(f"gallery {gallery!r} has no model in {registry.url}: backfill it before transforming it")
+    if cfg.backfill.transformation is None:
+        cfg = copy.deepcopy(cfg)
+        cfg.backfill.transformation = TransformationSection()
+    h = run_transformation_training(cfg, checkpoint, entry)
+    embeddings, index = transform_gallery(cfg, entry, h.model, model)
+    entry = registry.transformed(gallery, model, h.model, embeddings, index,
+                                 f"transformed on request (transform flow): h {h.model.version}, training mse "
+                                 f"{h.metrics.get('mse', float('nan')):.4g}")
+    events.emit_switched(gallery, "transformed", entry, cfg.run.name)
+    return {"gallery": gallery, "model_version": model.version, "transformation": h.model.version,
+            "side_info": h.side_info, "mse": h.metrics.get("mse"), "embeddings": embeddings, "index": index}
+
+
+def _partial_backfill(cfg: Config) -> dict:
+    """Re-embed the transformed gallery in `backfill.order` up to `backfill.budget`, swapping indexes as it goes."""
+    from tasks.partial_backfill import run_partial_backfill
+
+    out = run_partial_backfill(cfg)
+    entry = Registry(cfg.run.root).gallery(gallery_name(cfg))
+    events.emit_switched(gallery_name(cfg), "reembedded", entry, cfg.run.name)
+    return out
+
+
 shard_task = task(shard.run_shard, name="shard", cache_key_fn=_shard_key, persist_result=True, **IO_RETRIES)
 train_task = task(_train, name="train", cache_key_fn=_train_key, persist_result=True, retries=1,
                   retry_delay_seconds=exponential_backoff(backoff_factor=10), retry_condition_fn=would_recur)
 evaluate_task = task(evaluate.run_evaluation, name="evaluate", cache_key_fn=_evaluate_key, persist_result=True,
                      **IO_RETRIES)
+transformation_task = task(_transformation, name="transformation", retries=1,
+                           retry_delay_seconds=exponential_backoff(backoff_factor=10), retry_condition_fn=would_recur)
 update_task = task(_update, name="update", retries=1, retry_delay_seconds=exponential_backoff(backoff_factor=10),
                    retry_condition_fn=would_recur)
 backfill_task = task(_backfill, name="backfill", retries=1, retry_delay_seconds=exponential_backoff(backoff_factor=10),
                      retry_condition_fn=would_recur)
+transform_task = task(_transform, name="transform", retries=1, retry_delay_seconds=exponential_backoff(backoff_factor=10),
+                      retry_condition_fn=would_recur)
+partial_backfill_task = task(_partial_backfill, name="partial backfill", retries=1,
+                             retry_delay_seconds=exponential_backoff(backoff_factor=10), retry_condition_fn=would_recur)
 publish_task = task(publish.publish, name="publish", **IO_RETRIES)
 
 

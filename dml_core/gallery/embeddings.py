@@ -58,8 +58,9 @@ def shard_tasks(manifest: "Manifest", split: str = "gallery") -> list[ShardTask]
 
 def embed_shard(model: torch.nn.Module, task: ShardTask, out_dir: str, *, dtype: str = "float32",
                 batch_size: int = 256, device: torch.device | str = "cpu", on_error: str = "raise",
-                endpoint_url: str | None = None, attempt: str = "") -> dict:
-    """Embed one dataset shard with `model` into `out_dir`, then write its completion record; returns it."""
+                endpoint_url: str | None = None, attempt: str = "", side_model: torch.nn.Module | None = None) -> dict:
+    """Embed one dataset shard with `model` into `out_dir`, then write its completion record; returns it.
+    `side_model`: also store its embedding of every item as `side` (the side-info of a transformation)."""
     from dml_core.data.eval_reader import EvalReader
 
     if dtype not in DTYPES:
@@ -68,9 +69,16 @@ def embed_shard(model: torch.nn.Module, task: ShardTask, out_dir: str, *, dtype:
     reader = EvalReader([task.url], counts=[task.count], rank=0, world_size=1, batch_size=batch_size,
                         num_workers=0, endpoint_url=endpoint_url, on_error=on_error,
                         image_size=spec.get("image_size"), channels=spec.get("in_channels"))
-    emb = embed_batches(model, reader, device, allow_empty=True)
+    arrays = {}
+    if side_model is None:
+        emb = embed_batches(model, reader, device, allow_empty=True)
+    else:  # one read of the shard for both models
+        emb = embed_batches(WithSideInfo(model, side_model), reader, device, allow_empty=True)
+        dim = emb.z.shape[1] - side_model.spec["embedding_dim"] if emb.z.numel() else 0
+        arrays["side"] = emb.z[:, dim:].numpy().astype(dtype)
+        emb = Embeddings(emb.z[:, :dim], emb.labels, emb.ids)
     buf = io.BytesIO()
-    np.savez(buf, z=emb.z.numpy().astype(dtype), ids=emb.ids.numpy(), labels=emb.labels.numpy())
+    np.savez(buf, z=emb.z.numpy().astype(dtype), ids=emb.ids.numpy(), labels=emb.labels.numpy(), **arrays)
     data = buf.getvalue()
     storage.write_bytes_atomic(storage.join(out_dir, task.file), data)
     record = {"index": task.index, "shard": task.url, "file": task.file, "count": int(emb.ids.shape[0]),
@@ -78,6 +86,21 @@ def embed_shard(model: torch.nn.Module, task: ShardTask, out_dir: str, *, dtype:
               "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), "attempt": attempt}
     storage.write_bytes_atomic(storage.join(out_dir, task.record), json.dumps(record).encode())
     return record
+
+
+class WithSideInfo(torch.nn.Module):
+    """The gallery model's embedding and the side model's, side by side, from one decoded batch."""
+
+    def __init__(self, model: torch.nn.Module, side: torch.nn.Module) -> None:
+        super().__init__()
+        self.model, self.side = model, side
+        inputs = [(m.spec.get("image_size"), m.spec.get("in_channels")) for m in (model, side)]
+        if inputs[0] != inputs[1]:
+            raise GalleryError(f"the side-info model reads images of (size, channels) {inputs[1]}, the gallery model "
+                               f"{inputs[0]}: train the side model at the gallery model's input")
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.model(images).float(), self.side(images).float()], dim=1)
 
 
 def done_records(out_dir: str, tasks: list[ShardTask]) -> dict[int, dict]:
@@ -126,18 +149,29 @@ def read_manifest(out_dir: str) -> dict:
     return json.loads(storage.read_bytes(url))
 
 
+def read_shard(url: str, sha256: str | None = None) -> dict[str, np.ndarray]:
+    """The arrays of one gallery `.npz` (no pickles), checked against `sha256` when given."""
+    data = storage.read_bytes(url)
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        raise GalleryError(f"{url} does not match its recorded sha256 (corrupt or replaced)")
+    with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
+        return {k: arrays[k] for k in arrays.files}
+
+
+def load_arrays(out_dir: str, *names: str) -> dict[str, np.ndarray]:
+    """Arrays `names` of every shard of a complete gallery, concatenated in shard order; each file checked
+    against its recorded sha256. A name no shard stores is left out."""
+    parts: dict[str, list] = {n: [] for n in names}
+    for shard in read_manifest(out_dir)["shards"]:
+        arrays = read_shard(storage.join(out_dir, shard["file"]), shard["sha256"])
+        for n in names:
+            if n in arrays:
+                parts[n].append(arrays[n])
+    return {n: np.concatenate(p) for n, p in parts.items() if p}
+
+
 def load_gallery(out_dir: str) -> Embeddings:
-    """Every embedding of a complete gallery, in shard order, as float32; each file checked against its
-    recorded sha256."""
-    manifest = read_manifest(out_dir)
-    zs, ids, labels = [], [], []
-    for shard in manifest["shards"]:
-        url = storage.join(out_dir, shard["file"])
-        data = storage.read_bytes(url)
-        if hashlib.sha256(data).hexdigest() != shard["sha256"]:
-            raise GalleryError(f"{url} does not match its recorded sha256 (corrupt or replaced)")
-        with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
-            zs.append(torch.from_numpy(arrays["z"].astype(np.float32)))
-            ids.append(torch.from_numpy(arrays["ids"]))
-            labels.append(torch.from_numpy(arrays["labels"]))
-    return Embeddings(torch.cat(zs), torch.cat(labels), torch.cat(ids))
+    """Every embedding of a complete gallery, in shard order, as float32 (files checked as `load_arrays`)."""
+    a = load_arrays(out_dir, "z", "ids", "labels")
+    return Embeddings(torch.from_numpy(a["z"].astype(np.float32)), torch.from_numpy(a["labels"]),
+                      torch.from_numpy(a["ids"]))

@@ -17,11 +17,14 @@ from dml_core.metrics.gate import GateDecision
 
 # (model) -> (URL of the gallery embeddings' manifest, URL of the checked index's manifest)
 Backfill = Callable[[ModelRef], "tuple[str, str]"]
+# (model, current entry) -> (h, URL of the transformed gallery's manifest, URL of its checked index's manifest)
+Transform = Callable[[ModelRef, GalleryEntry], "tuple[ModelRef, str, str]"]
 
 
 @dataclass
 class UpdateResult:
-    # "query_model" (backfill-free), "switch" (backfilled), "first" (no gallery before) or "rejected" (nothing done)
+    # "query_model" (backfill-free), "transformed" (the gallery mapped by h), "switch" (backfilled), "first" (no
+    # gallery before) or "rejected" (nothing done)
     action: str
     entry: GalleryEntry | None  # the registry entry now in force (None: a rejected first model)
     old_model: ModelRef | None  # the gallery model the gate compared with
@@ -33,9 +36,11 @@ class UpdateResult:
 
 
 def update_serving(registry: Registry, gallery: str, model: ModelRef,
-                   decide: Callable[[GalleryEntry | None], GateDecision], backfill: Backfill) -> UpdateResult:
+                   decide: Callable[[GalleryEntry | None], GateDecision], backfill: Backfill,
+                   transform: Transform | None = None) -> UpdateResult:
     """Register `model` for `gallery` as `decide(current entry or None)` (the gate) says: rejected -> nothing
-    changes; query model only; otherwise `backfill(model)`, then one registry switch."""
+    changes; query model only; the gallery transformed by h (`transform`); otherwise `backfill(model)`, then one
+    registry switch."""
     current = registry.gallery(gallery)
     decision = decide(current)
     old_model = None if current is None else current.gallery_model
@@ -51,6 +56,13 @@ def update_serving(registry: Registry, gallery: str, model: ModelRef,
         check_query_model(model, current)
         return UpdateResult("query_model", registry.set_query_model(gallery, model, reason),
                             current.gallery_model, decision)
+    if decision.outcome == "transformed":
+        if transform is None:
+            raise RegistryError(f"the gate chose the transformed gallery for {model.version}, but no transformation "
+                                f"was given to the update")
+        h, embeddings, index = transform(model, current)
+        entry = registry.transformed(gallery, model, h, embeddings, index, reason)
+        return UpdateResult("transformed", entry, current.gallery_model, decision)
     embeddings, index = backfill(model)
     entry = registry.switch(gallery, model, embeddings, index, reason)
     return UpdateResult("switch", entry, current.gallery_model, decision)

@@ -6,6 +6,7 @@ reference model trained without the compatibility term):
   model q and the other items by model g, the item itself is excluded;
 - query/gallery split: pass `old_gallery`, `new_gallery` (and `ref_gallery` with a ref model) and
   `gallery_labels`; the `*_query` arrays then hold the queries.
+With `transformed_gallery` (h(old) of the gallery items, METHODS 6.1) M(new, h(old)) and its flips are added.
 Negative flips and NFR/NFI count only queries with a relevant gallery item (those Recall@1 averages over).
 """
 from __future__ import annotations
@@ -41,6 +42,7 @@ class CrossModelScores:
     update_gain: float | None  # None when M(ref,ref) <= M(old,old): no improvement to share
     update_gain_reason: str | None = None  # why update_gain is None (None when it is a number)
     served: float | None = None  # M(served query model, old) in a chain; None: what is served is (old,old)
+    new_transformed: float | None = None  # M(new, h(old)); None when no transformation h was given
 
     @property
     def served_score(self) -> float:
@@ -52,11 +54,12 @@ class CrossModelScores:
         return "(old,old)" if self.served is None else "(served query model,old)"
 
     @classmethod
-    def build(cls, metric, old_old, new_new, new_old, ref_ref=None, served=None):
+    def build(cls, metric, old_old, new_new, new_old, ref_ref=None, served=None, new_transformed=None):
         ref_model, ref_score = ("ref", ref_ref) if ref_ref is not None else ("new", new_new)
         gain, reason = update_gain(metric, old_old, new_old, ref_score, ref_model)
         criterion = new_old - old_old > THRESHOLD_TOLERANCE
-        return cls(metric, old_old, new_new, new_old, ref_ref, ref_model, criterion, gain, reason, served)
+        return cls(metric, old_old, new_new, new_old, ref_ref, ref_model, criterion, gain, reason, served,
+                   new_transformed)
 
 
 def update_gain(metric: str, old_old: float, new_old: float, ref_ref: float,
@@ -75,7 +78,7 @@ class NegativeFlips:
     """Queries right (top-1) under what is served ((old,old), or the chain's served setting) and wrong under
     `setting`."""
 
-    setting: str  # "new_old" or "new_new"
+    setting: str  # "new_old", "new_new" or "new_transformed"
     flips: int
     queries: int
     wrong: int  # queries wrong under the setting
@@ -107,6 +110,8 @@ class CompatibilityResult:
         out: dict = {}
         for metric, s in self.scores.items():
             out[metric] = {"criterion": s.criterion, "new_old": s.new_old, "old_old": s.old_old}
+            if s.new_transformed is not None:
+                out[metric]["new_transformed"] = s.new_transformed
         for setting, f in self.flips.items():
             out[f"nfr_{setting}"], out[f"nfi_{setting}"] = f.nfr, f.nfi
         return out
@@ -126,10 +131,12 @@ class CompatibilityResult:
 
 def evaluate_compatibility(old_query, new_query, query_labels, *, old_gallery=None, new_gallery=None,
                            gallery_labels=None, ref_query=None, ref_gallery=None, served_query=None,
-                           backend: str = "auto", use_gpu: bool = False) -> CompatibilityResult:
+                           transformed_gallery=None, backend: str = "auto",
+                           use_gpu: bool = False) -> CompatibilityResult:
     """Cross-model Recall@1 and MAP@R, the BCT criterion, update gain and negative flips. `served_query`: in a
     chain, the queries embedded by the served query model (not the gallery model); the served score and the
-    flips then count against (served query model, old gallery) (METHODS 6)."""
+    flips then count against (served query model, old gallery) (METHODS 6). `transformed_gallery`: h(old) of the
+    gallery items (leave-one-out: of the query items, rows aligned), for M(new, h(old)) and its flips."""
     split = old_gallery is not None or new_gallery is not None or gallery_labels is not None
     if split and (old_gallery is None or new_gallery is None or gallery_labels is None):
         raise ValueError("a query/gallery split needs old_gallery, new_gallery and gallery_labels together")
@@ -149,12 +156,16 @@ def evaluate_compatibility(old_query, new_query, query_labels, *, old_gallery=No
     oo, nn, no = run(old_query, g_old), run(new_query, g_new), run(new_query, g_old)
     rr = run(ref_query, ref_gallery if split else ref_query) if ref_query is not None else None
     ss = run(served_query, g_old) if served_query is not None else None
+    nt = run(new_query, transformed_gallery) if transformed_gallery is not None else None
     scores = {}
     for metric in METRICS:
         def get(r):
             return metric_value(r, metric) if r is not None else None
-        scores[metric] = CrossModelScores.build(metric, get(oo), get(nn), get(no), get(rr), get(ss))
+        scores[metric] = CrossModelScores.build(metric, get(oo), get(nn), get(no), get(rr), get(ss), get(nt))
     today = ss or oo
     flips = {"new_old": NegativeFlips.count("new_old", today.top1_correct, no.top1_correct, today.valid),
              "new_new": NegativeFlips.count("new_new", today.top1_correct, nn.top1_correct, today.valid)}
+    if nt is not None:
+        flips["new_transformed"] = NegativeFlips.count("new_transformed", today.top1_correct, nt.top1_correct,
+                                                       today.valid)
     return CompatibilityResult(mode=oo.mode, num_queries=oo.num_queries, scores=scores, flips=flips)

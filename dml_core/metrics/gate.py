@@ -5,7 +5,9 @@ Worth serving: M(new,new) is not below the raw-pixel floor, and its best reachab
 changes. Then, in order, the first setting whose own metric beats `served` and whose conditions pass:
 1. query model against the old gallery: criterion M(new,old) > served, NFR(new,old) <= max_nfr,
    M(new,old) - served >= min_gain;
-2. full backfill with the new model.
+2. transformed gallery (when a transformation h was trained, METHODS 6.1): the same conditions with h(old) in
+   place of the old gallery, each named "transformed ...";
+3. full backfill with the new model.
 `served` is M(old,old) unless a chain serves another query model against the gallery (then flips and the
 criterion count against that setting: `CompatibilityResult` computes them so). With nothing served yet, a
 first model above the floor is backfilled.
@@ -20,11 +22,12 @@ from dataclasses import asdict, dataclass, field
 
 from dml_core.metrics.compatibility import METRICS, THRESHOLD_TOLERANCE, CompatibilityResult
 
-OUTCOMES = ("first", "query_model", "backfill", "rejected")
+OUTCOMES = ("first", "query_model", "transformed", "backfill", "rejected")
 ACTIONS = {"first": "backfill the gallery with the first model", "query_model": "serve new queries against the "
-           "old gallery index", "backfill": "backfill the gallery with the new model",
+           "old gallery index", "transformed": "serve new queries against the old gallery transformed by h "
+           "(no image read)", "backfill": "backfill the gallery with the new model",
            "rejected": "reject the model: nothing is embedded, indexed or switched"}
-WORTH, QUERY_MODEL, BACKFILL = "worth serving", "query model", "backfill"
+WORTH, QUERY_MODEL, TRANSFORMED, BACKFILL = "worth serving", "query model", "transformed gallery", "backfill"
 
 
 @dataclass
@@ -37,7 +40,7 @@ class GateCondition:
     passed: bool
     description: str
     tolerance: float = THRESHOLD_TOLERANCE  # margins within this of 0 count as on the threshold
-    setting: str = QUERY_MODEL  # which step of the gate it belongs to: WORTH, QUERY_MODEL or BACKFILL
+    setting: str = QUERY_MODEL  # which step of the gate it belongs to: WORTH, QUERY_MODEL, TRANSFORMED or BACKFILL
 
 
 def _at_most(name, measured, threshold, setting, description) -> GateCondition:
@@ -78,6 +81,11 @@ class GateDecision:
     def allowed(self) -> bool:
         """The new model may query the old gallery without a backfill."""
         return self.outcome == "query_model"
+
+    @property
+    def transformed(self) -> bool:
+        """The new model may query the old gallery transformed by h (no image read)."""
+        return self.outcome == "transformed"
 
     @property
     def rejected(self) -> bool:
@@ -125,26 +133,37 @@ class UpdateGate:
 
     def decide(self, compat: CompatibilityResult, floor: float | None = None) -> GateDecision:
         s = compat.scores[self.metric]
-        served, m = s.served_score, self.metric
+        served, m, nt = s.served_score, self.metric, s.new_transformed
+        reachable = [s.new_old, s.new_new] + ([] if nt is None else [nt])
+        galleries = "the old or a new gallery" if nt is None else "the old, the transformed or a new gallery"
         worth = self._floor(s.new_new, floor) + [
-            _beats("improvement", max(s.new_old, s.new_new), served, self.min_improvement, WORTH,
-                   f"the best reachable {m} (new queries against the old or a new gallery) must beat what is served")]
-        query = [
-            GateCondition("criterion", s.new_old, served, ">", s.new_old - served,
-                          s.new_old - served > THRESHOLD_TOLERANCE,
-                          f"{m}(new,old) must exceed the served {m} ({s.served_setting})", setting=QUERY_MODEL),
-            _at_most("nfr", compat.flips["new_old"].nfr, self.max_nfr, QUERY_MODEL,
-                     f"negative flip rate of new queries against the old gallery, vs {s.served_setting}"),
-            _at_least("gain", s.new_old - served, self.min_gain, QUERY_MODEL, f"{m}(new,old) - served {m}"),
-            _beats("query model improvement", s.new_old, served, self.min_improvement, QUERY_MODEL,
-                   f"{m}(new,old) must beat the served {m}")]
+            _beats("improvement", max(reachable), served, self.min_improvement, WORTH,
+                   f"the best reachable {m} (new queries against {galleries}) must beat what is served")]
+        query = self._against(s, s.new_old, compat.flips["new_old"].nfr, "old", QUERY_MODEL,
+                              ("criterion", "nfr", "gain", "query model improvement"))
+        transformed = [] if nt is None else self._against(
+            s, nt, compat.flips["new_transformed"].nfr, "h(old)", TRANSFORMED,
+            tuple(f"transformed {n}" for n in ("criterion", "nfr", "gain", "improvement")))
         backfill = [_beats("backfill improvement", s.new_new, served, self.min_improvement, BACKFILL,
                            f"{m}(new,new) must beat the served {m}")]
-        ok = {name: all(c.passed for c in conds) for name, conds in (("worth", worth), ("query", query),
-                                                                      ("backfill", backfill))}
-        outcome = ("rejected" if not ok["worth"] else "query_model" if ok["query"]
-                   else "backfill" if ok["backfill"] else "rejected")
-        return self._decision(outcome, served, floor, worth + query + backfill)
+        ok = {name: bool(conds) and all(c.passed for c in conds) for name, conds in (
+            ("query_model", query), ("transformed", transformed), ("backfill", backfill))}
+        outcome = ("rejected" if not all(c.passed for c in worth) else
+                   next((name for name, passed in ok.items() if passed), "rejected"))
+        return self._decision(outcome, served, floor, worth + query + transformed + backfill)
+
+    def _against(self, s, score, nfr, gallery, setting, names) -> list[GateCondition]:
+        """Criterion, NFR, gain and improvement of new queries against `gallery` ("old" or "h(old)")."""
+        served, m = s.served_score, self.metric
+        criterion, nfr_name, gain, improvement = names
+        return [
+            GateCondition(criterion, score, served, ">", score - served, score - served > THRESHOLD_TOLERANCE,
+                          f"{m}(new,{gallery}) must exceed the served {m} ({s.served_setting})", setting=setting),
+            _at_most(nfr_name, nfr, self.max_nfr, setting,
+                     f"negative flip rate of new queries against the {gallery} gallery, vs {s.served_setting}"),
+            _at_least(gain, score - served, self.min_gain, setting, f"{m}(new,{gallery}) - served {m}"),
+            _beats(improvement, score, served, self.min_improvement, setting,
+                   f"{m}(new,{gallery}) must beat the served {m}")]
 
     def _floor(self, new_new: float, floor: float | None) -> list[GateCondition]:
         if floor is None:

@@ -13,6 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dml_core import storage
+
+
+SPEC_NAME = "transformation"
+
 
 def _branch(in_dim: int, width: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(in_dim, width), nn.BatchNorm1d(width), nn.ReLU(inplace=True),
@@ -28,6 +33,8 @@ class Transformation(nn.Module):
         if min(old_dim, new_dim) < 1 or side_dim < 0:
             raise ValueError(f"old_dim and new_dim must be >= 1 and side_dim >= 0, got {old_dim}, {new_dim}, {side_dim}")
         self.old_dim, self.new_dim, self.side_dim, self.uncertainty = old_dim, new_dim, side_dim, uncertainty
+        self.spec = {"name": SPEC_NAME, "old_dim": old_dim, "new_dim": new_dim, "side_dim": side_dim,
+                     "branch_width": branch_width, "trunk_width": trunk_width, "uncertainty": uncertainty}
         self.old_branch = _branch(old_dim, branch_width)
         self.side_branch = _branch(side_dim, branch_width) if side_dim else None
         joined = branch_width * (2 if side_dim else 1)
@@ -61,3 +68,20 @@ class Transformation(nn.Module):
             return F.normalize(self(old, side)[0], dim=1)
         finally:
             self.train(was_training)
+
+
+def load_transformation(checkpoint: str) -> Transformation:
+    """The h of a checkpoint directory (or its model file), weights only, in eval mode."""
+    from dml_core.models.checkpoint import read_checkpoint
+    from dml_core.training.embed import model_url
+
+    url = model_url(checkpoint)
+    if not storage.exists(url):
+        raise FileNotFoundError(f"no transformation checkpoint at {url}")
+    ckpt = read_checkpoint(url)
+    spec = dict(ckpt.get("spec") or {})
+    if spec.pop("name", None) != SPEC_NAME:
+        raise ValueError(f"{url} is not a transformation checkpoint (spec {ckpt.get('spec')})")
+    h = Transformation(**spec)
+    h.load_state_dict(ckpt["state_dict"])
+    return h.eval()

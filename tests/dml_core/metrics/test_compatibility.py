@@ -138,3 +138,49 @@ def test_summary_puts_flips_of_both_settings_next_to_the_criterion():
     assert summary["nfr_new_new"] == pytest.approx((c_oo & ~c_nn).sum() / len(y))
     assert summary["nfi_new_new"] == pytest.approx((c_oo & ~c_nn).sum() / (~c_nn).sum())
     assert CompatibilityResult.from_dict(res.to_dict()).to_dict() == res.to_dict()
+
+
+# ---- the transformed gallery h(old) (METHODS 6, 6.1) ----
+
+def test_transformed_gallery_matches_brute_force_leave_one_out():
+    old, new, _, y = models()
+    h_old = new + 0.5 * np.random.default_rng(7).normal(size=new.shape)  # an imperfect transformation of old
+    res = evaluate_compatibility(old, new, y, transformed_gallery=h_old)
+    c_oo, c_nt = top1_correct(old, old, y, y, True), top1_correct(new, h_old, y, y, True)
+    s = res.scores["recall_at_1"]
+    assert s.new_transformed == pytest.approx(c_nt.mean()) and s.new_transformed != s.new_old
+    assert res.scores["map_at_r"].new_transformed == pytest.approx(
+        evaluate_retrieval(new, y, gallery_z=h_old, gallery_labels=y, exclude_self=True).map_at_r)
+    f = res.flips["new_transformed"]
+    flips = int((c_oo & ~c_nt).sum())
+    assert flips > 0 and f.setting == "new_transformed" and f.flips == flips
+    assert f.nfr == pytest.approx(flips / len(y)) and f.nfi == pytest.approx(flips / (~c_nt).sum())
+    assert res.summary()["recall_at_1"]["new_transformed"] == s.new_transformed
+    assert res.summary()["nfr_new_transformed"] == f.nfr
+    # a perfect h (h(old) = new): self is excluded, so M(new, h(old)) is M(new,new), not 1
+    perfect = evaluate_compatibility(old, new, y, transformed_gallery=new.copy()).scores["recall_at_1"]
+    assert perfect.new_transformed == perfect.new_new < 1.0
+
+
+def test_transformed_gallery_in_a_query_gallery_split():
+    old, new, _, y = models(1)
+    h_old = new + 0.5 * np.random.default_rng(8).normal(size=new.shape)
+    q, g = np.arange(len(y)) % 4 == 0, np.arange(len(y)) % 4 != 0
+    res = evaluate_compatibility(old[q], new[q], y[q], old_gallery=old[g], new_gallery=new[g], gallery_labels=y[g],
+                                 transformed_gallery=h_old[g])
+    c_oo = top1_correct(old[q], old[g], y[q], y[g], False)
+    c_nt = top1_correct(new[q], h_old[g], y[q], y[g], False)
+    assert res.scores["recall_at_1"].new_transformed == pytest.approx(c_nt.mean())
+    assert res.flips["new_transformed"].flips == int((c_oo & ~c_nt).sum())
+
+
+def test_transformed_round_trip_and_old_dicts_without_it():
+    old, new, _, y = models()
+    res = evaluate_compatibility(old, new, y, transformed_gallery=new + 0.1)
+    assert CompatibilityResult.from_dict(res.to_dict()).to_dict() == res.to_dict()
+    plain = evaluate_compatibility(old, new, y).to_dict()
+    assert "new_transformed" not in plain["flips"] and "nfr_new_transformed" not in plain["summary"]
+    for scores in plain["scores"].values():
+        del scores["new_transformed"]  # a dict written before the field existed
+    back = CompatibilityResult.from_dict(plain)
+    assert all(s.new_transformed is None for s in back.scores.values())

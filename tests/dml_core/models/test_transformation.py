@@ -8,7 +8,10 @@ import torch
 import torch.nn.functional as F
 
 from dml_core.losses.transformation import transformation_loss
-from dml_core.models.transformation import Transformation
+from dml_core.config import TransformationSection
+from dml_core.models.transformation import load_transformation
+from dml_core.training.loop import Worker
+from dml_core.training.transformation import TransformationData, fit_transformation
 
 
 def test_losses_match_their_formulas():
@@ -30,30 +33,23 @@ def test_losses_match_their_formulas():
         transformation_loss(pred, new[:, :3])
 
 
-def _fit(h, old, new, side=None, steps=600, lr=3e-3, batch=256):
-    """Adam with a cosine schedule on minibatches, as FCT trains h."""
-    opt = torch.optim.Adam(h.parameters(), lr=lr)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(steps):
-        idx = torch.randint(0, len(old), (batch,), generator=g)
-        pred, log_var = h(old[idx], None if side is None else side[idx])
-        loss = transformation_loss(pred, new[idx], log_var)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        schedule.step()
-    return h
+def _fit(old, new, side=None, uncertainty=False, steps=600, tmp=None):
+    """h trained by the library's loop (`fit_transformation`: Adam, cosine schedule, as FCT trains h)."""
+    t = TransformationSection(branch_width=64, trunk_width=128, uncertainty=uncertainty, steps=steps, batch_size=256,
+                              lr=3e-3, lambda_c=0.0, checkpoint_every=steps)
+    labels = torch.zeros(len(old), dtype=torch.int64)
+    result = fit_transformation(t, TransformationData(old, new, labels, side), str(tmp), Worker())
+    return load_transformation(result["checkpoint"]), result
 
 
-def test_h_recovers_a_fixed_linear_map():
+def test_h_recovers_a_fixed_linear_map(tmp_path):
     torch.manual_seed(0)
     old, a = torch.randn(2048, 16), torch.randn(16, 24) / 4
     new = old @ a
-    h = _fit(Transformation(16, 24, branch_width=64, trunk_width=128), old, new)
-    h.eval()
+    h, result = _fit(old, new, tmp=tmp_path)
     with torch.no_grad():
         mse = float(((h(old)[0] - new) ** 2).sum(1).mean())
+        assert result["mse"] == pytest.approx(mse, rel=1e-4)  # the loop's report: h in eval mode, all of the data
         held_out = torch.randn(256, 16)
         mse_held_out = float(((h(held_out)[0] - held_out @ a) ** 2).sum(1).mean())
     baseline = float(new.pow(2).sum(1).mean())  # predicting 0
@@ -62,15 +58,14 @@ def test_h_recovers_a_fixed_linear_map():
     assert torch.allclose(z.norm(dim=1), torch.ones(4), atol=1e-5) and h.training is False
 
 
-def test_side_info_carries_what_the_old_embedding_lacks_and_uncertainty_ranks_the_errors():
+def test_side_info_carries_what_the_old_embedding_lacks_and_uncertainty_ranks_the_errors(tmp_path):
     torch.manual_seed(1)
     old, side = torch.randn(512, 8), torch.randn(512, 4)
     new = torch.cat([old, side], dim=1)  # the new space needs both
     noisy = torch.arange(512) % 4 == 0  # a quarter of the items: new embedding not predictable at all
     new = torch.where(noisy[:, None], 3 * torch.randn(512, 12), new)
-    without = _fit(Transformation(8, 12, branch_width=64, trunk_width=128, uncertainty=True), old, new)
-    with_side = _fit(Transformation(8, 12, side_dim=4, branch_width=64, trunk_width=128, uncertainty=True),
-                     old, new, side)
+    without = _fit(old, new, uncertainty=True, tmp=tmp_path / "without")[0]
+    with_side = _fit(old, new, side, uncertainty=True, tmp=tmp_path / "with")[0]
     with torch.no_grad():
         clean = ~noisy
         err = {name: float(((h.eval()(old, s)[0] - new) ** 2).sum(1)[clean].mean())
