@@ -168,7 +168,7 @@ class TransformationSection:
     lr: float = 5e-4  # Adam, cosine schedule (FCT)
     lambda_c: float = 1.0  # weight of FastFill's point-to-cluster term (against the new model's class prototypes)
     tau_c: float = 0.05  # its temperature
-    checkpoint_every: int = 500
+    checkpoint_every: int = 500  # steps between h's checkpoints (a killed training resumes from the last)
 
 
 @dataclass
@@ -182,11 +182,11 @@ class BackfillSection:
     # side-information for h: a checkpoint directory of a small model (e.g. trained self-supervised), embedded
     # and stored beside every gallery embedding by a backfill; None: h sees the old embedding only
     side_info: Optional[str] = None
-    # after a transformation, the share of the gallery re-embedded with the new model (FastFill), in
-    # `order`, `step_fraction` of the gallery per index swap; 0: none, 1: all (the gallery is then the new model's)
+    # after a transformation, the share of the gallery re-embedded with the new model (FastFill); 0: none, 1: all
+    # (the gallery is then the new model's)
     budget: float = 0.0
-    order: Literal["uncertainty", "random"] = "uncertainty"
-    step_fraction: float = 0.1
+    order: Literal["uncertainty", "random"] = "uncertainty"  # re-embed h's most uncertain items first, or at random
+    step_fraction: float = 0.1  # share of the gallery re-embedded between two index swaps
 
 
 @dataclass

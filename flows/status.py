@@ -23,12 +23,15 @@ def status_tables(config: str, overrides: list[str] | None = None, limit: int = 
 def registry_table(root: str) -> Table:
     registry = Registry(root)
     table = Table(title=f"Registry ({registry.url})")
-    for column in ("gallery", "gallery model", "query model", "index", "updated"):
+    for column in ("gallery", "gallery model", "query model", "transformed by", "re-embedded", "index", "updated"):
         table.add_column(column)
     updated = {h["gallery"]: h["time"] for h in registry.history()}  # oldest first: the last one wins
     galleries = registry.galleries()
     for name, entry in sorted(galleries.items()):
-        table.add_row(name, entry.gallery_model.version, entry.query_model.version, entry.index, updated.get(name, "-"))
+        h = entry.transformation
+        share = "all" if h is None else f"{entry.reembedded or 0:.0%}"  # a transformed gallery: the share re-embedded
+        table.add_row(name, entry.gallery_model.version, entry.query_model.version, "-" if h is None else h.version,
+                      share, entry.index, updated.get(name, "-"))
     if not galleries:
         table.caption = "no gallery has a model yet: the first retrain run backfills one"
     return table

@@ -86,7 +86,7 @@ class _StepEmbedder:
 
     def __init__(self, cfg: Config, entry: GalleryEntry, gallery_dir: str, tasks: list[ShardTask]) -> None:
         counts = [s["count"] for s in read_manifest(gallery_dir)["shards"]]
-        self.cfg, self.tasks, self.key = cfg, tasks, model_key(entry.gallery_model.checkpoint)
+        self.cfg, self.tasks, self.key = cfg, tasks, model_key(entry.query_model.checkpoint)
         self.ids = load_arrays(gallery_dir, "ids")["ids"]
         self.shard_of = np.repeat(np.arange(len(counts)), counts)  # record i holds dataset shard i
         self.sorter = np.argsort(self.ids, kind="stable")

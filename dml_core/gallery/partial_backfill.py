@@ -234,10 +234,9 @@ def partial_backfill(gallery_dir: str, embed: Embed, registry: Registry, name: s
             done["registered"].append(step.number)
             if on_step is not None:
                 on_step(step.number, fraction)
-    last = steps[-1] if steps else None
+    entry = registry.gallery(name)
     return {"gallery": gallery_dir, "order": order, "items": total, "steps": len(steps), **done,
-            "fraction": 0.0 if last is None else last.end / total,
-            "index": registry.gallery(name).index}
+            "fraction": entry.reembedded or 0.0, "index": entry.index}
 
 
 def _registered_step(registry: Registry, name: str, gallery_dir: str, embeddings: str) -> int:

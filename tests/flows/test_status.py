@@ -34,12 +34,15 @@ def _summary(root, run: str, **row) -> None:
 def test_status_shows_the_registry_and_the_runs_newest_first(tmp_path):
     root = tmp_path / "root"
     registry = Registry(str(root))
-    ref = {v: ModelRef(v, f"{root}/runs/{v}/checkpoints/checkpoint_00000040") for v in ("v1", "v2", "w1")}
+    ref = {v: ModelRef(v, f"{root}/runs/{v}/checkpoints/checkpoint_00000040") for v in ("v1", "v2", "w1", "w2", "h")}
     registry.switch("fmnist", ref["v1"], f"{root}/galleries/fmnist/v1/manifest.json",
                     f"{root}/indexes/fmnist/v1/manifest.json", "first model")
     registry.switch("other", ref["w1"], f"{root}/galleries/other/w1/manifest.json",
                     f"{root}/indexes/other/w1/manifest.json", "first model")
     registry.set_query_model("fmnist", ref["v2"], "compatible")
+    registry.transformed("other", ref["w2"], ref["h"], f"{root}/galleries/other/w2-transformed/manifest.json",
+                         f"{root}/galleries/other/w2-transformed/index.json", "transformed")
+    registry.reembedded_step("other", f"{root}/galleries/other/w2-transformed/index-step-000003.json", 0.3, "step 3")
     _summary(root, "v2", verdict="compatible", backfill=False, recall_at_1=0.8125, nfr=0.0312,
              finished_at="2026-01-02T11:00:00+00:00")
     _summary(root, "v1", verdict="first model", backfill=True, recall_at_1=0.75, nfr=None,
@@ -56,8 +59,9 @@ def test_status_shows_the_registry_and_the_runs_newest_first(tmp_path):
 
     reg = _render(reg_table)
     updated = [h["time"] for h in registry.history("fmnist")][-1]
-    assert _row(reg, "fmnist") == ["fmnist", "v1", "v2", f"{root}/indexes/fmnist/v1/manifest.json", updated]
-    assert _row(reg, "other")[1:3] == ["w1", "w1"]
+    assert _row(reg, "fmnist") == ["fmnist", "v1", "v2", "-", "all", f"{root}/indexes/fmnist/v1/manifest.json",
+                                   updated]
+    assert _row(reg, "other")[1:5] == ["w1", "w2", "h", "30%"]  # a transformed gallery, 30% re-embedded by w2
     runs = _render(runs_table)
     assert _row(runs, "v3") == ["v3", "rejected (below floor)", "no", "0.500", "0.600", "0.200", "0.300", "0.250",
                                 "2026-01-02T12:00:00+00:00"]

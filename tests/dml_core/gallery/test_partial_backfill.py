@@ -101,7 +101,8 @@ def test_plan_steps():
         steps = plan_steps(n, budget, frac)
         assert steps[0][0] == 0 and steps[-1][1] == round(budget * n)
         assert all(a[1] == b[0] for a, b in zip(steps, steps[1:]))
-        assert all(e - s == round(frac * n) for s, e in steps[:-1]) and 0 < steps[-1][1] - steps[-1][0] <= round(frac * n)
+        size = round(frac * n)
+        assert all(e - s == size for s, e in steps[:-1]) and 0 < steps[-1][1] - steps[-1][0] <= size
     for bad in [(10, 1.5, 0.1), (10, -0.1, 0.1), (10, 0.5, 0.0), (10, 0.5, 1.2)]:
         with pytest.raises(ValueError):
             plan_steps(*bad)
@@ -297,3 +298,38 @@ def _observe(root: str, out: str, seen: set) -> str:
     if entry.index not in seen:
         _check_served(entry, out)
     return entry.index
+
+
+class _Counting(torch.nn.Module):
+    """A model that counts the items it is given."""
+
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.model, self.spec, self.seen = model, model.spec, 0
+
+    def forward(self, images):
+        self.seen += len(images)
+        return self.model(images)
+
+
+def test_embed_items_puts_only_the_wanted_items_through_the_model(fmnist_shards):
+    from dml_core.config import config_from_dict
+    from dml_core.gallery.embeddings import shard_tasks
+    from dml_core.gallery.partial_backfill import embed_items
+    from dml_core.training.build import build_model_from_config
+    from dml_core.training.embed import embed_split
+
+    manifest = fmnist_shards["manifest"]
+    torch.manual_seed(0)
+    cfg = config_from_dict({"model": {"embedding_dim": 8, "backbone_options": {"widths": [8, 16]}}})
+    model = _Counting(build_model_from_config(cfg).eval())
+    task = shard_tasks(manifest, "gallery")[1]
+    full = embed_split(model.model, manifest, "gallery", batch_size=16)
+    in_shard = full.ids.tolist()[shard_tasks(manifest, "gallery")[0].count:][:task.count]
+    wanted = np.array(in_shard[::3][::-1], dtype=np.int64)
+    got = embed_items(model, task, wanted, batch_size=16)
+    assert model.seen == len(wanted) == int(got["count"]) and sorted(got["ids"].tolist()) == sorted(wanted.tolist())
+    rows = {item: r for r, item in enumerate(full.ids.tolist())}
+    np.testing.assert_allclose(got["z"], full.z.numpy()[[rows[i] for i in got["ids"].tolist()]], rtol=1e-5, atol=1e-6)
+    with pytest.raises(GalleryError, match="did not yield 1 "):
+        embed_items(model, task, np.append(wanted, 10 ** 9), batch_size=16)
