@@ -115,6 +115,25 @@ class EmbedPool:
         self.close()
 
 
+def side_info_checkpoint(cfg: Config) -> str | None:
+    """`backfill.side_info` as a checkpoint directory: one given as such is used as is; a config file
+    (`.yaml`) names a run, e.g. a small self-supervised model, trained through the trainer first unless its
+    newest checkpoint has reached its `train.steps`."""
+    side = cfg.backfill.side_info
+    if side is None or not side.endswith((".yaml", ".yml")):
+        return side
+    from dml_core.config import load_config
+    from dml_core.training.state import checkpoint_metrics
+    from tasks.train import newest_checkpoint_url, run_training
+
+    side_cfg = load_config(side)
+    url = newest_checkpoint_url(side_cfg.run_dir)
+    if url is None or checkpoint_metrics(url).get("step", 0) < side_cfg.train.steps:
+        print(f"[backfill] training the side-info model {side_cfg.run.name} ({side})", flush=True)
+        url = run_training(side_cfg).checkpoint
+    return url
+
+
 def run_backfill(cfg: Config, checkpoint: str, model_version: str, on_shard=None,
                  pool: EmbedPool | None = None) -> BackfillResult:
     """Embed the `backfill.split` of the config's dataset with `checkpoint` into
@@ -129,13 +148,14 @@ def run_backfill(cfg: Config, checkpoint: str, model_version: str, on_shard=None
     out = gallery_url(cfg.run.root, gallery, model_version)
     tasks = shard_tasks(manifest, bf.split)
     todo = pending(out, tasks)
+    side = side_info_checkpoint(cfg)
     if todo:
         options = {"dtype": bf.dtype, "batch_size": bf.batch_size, "on_error": cfg.data.on_error,
                    "attempt": uuid.uuid4().hex}
-        key, side_key = model_key(checkpoint), model_key(bf.side_info)
+        key, side_key = model_key(checkpoint), model_key(side)
         run_on_pool(cfg, pool, lambda a, t: a.embed.remote(t, key, out, options, side_key), todo, len(tasks),
                     on_shard)
-    meta = {"gallery": gallery, "model_version": model_version, "checkpoint": checkpoint, "side_info": bf.side_info,
+    meta = {"gallery": gallery, "model_version": model_version, "checkpoint": checkpoint, "side_info": side,
             "dataset": {"name": manifest.name, "version": manifest.version, "split": bf.split}}
     return BackfillResult(out, write_manifest(out, tasks, meta), embedded=len(todo), shards=len(tasks))
 

@@ -66,13 +66,18 @@ def reembed_dir(gallery_dir: str) -> str:
 
 
 def plan_steps(num_items: int, budget: float, step_fraction: float) -> list[tuple[int, int]]:
-    """(start, end) positions of the steps: round(step_fraction * N) items each, up to round(budget * N)."""
+    """(start, end) positions of the steps: step k ends at round(k * step_fraction * N) (at least one item
+    per step), the last at round(budget * N)."""
     if not 0.0 <= budget <= 1.0:
         raise ValueError(f"backfill budget must be in [0, 1], got {budget!r}")
     if not 0.0 < step_fraction <= 1.0:
         raise ValueError(f"backfill step_fraction must be in (0, 1], got {step_fraction!r}")
-    size, total = max(1, round(step_fraction * num_items)), round(budget * num_items)
-    return [(start, min(start + size, total)) for start in range(0, total, size)]
+    total, steps, start, k = round(budget * num_items), [], 0, 1
+    while start < total:
+        end = min(total, max(start + 1, round(k * step_fraction * num_items)))
+        steps.append((start, end))
+        start, k = end, k + 1
+    return steps
 
 
 def reembed_order(ids: np.ndarray, order: str, seed: int, log_var: np.ndarray | None = None) -> np.ndarray:

@@ -227,19 +227,24 @@ def test_each_stage_command_calls_its_flow(tmp_path, monkeypatch):
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
     flows = StandIn(monkeypatch, "flows.stages", shard_flow={"dataset": "d", "version": "v", "resharded": False},
                     train_flow={"run": "r1", "checkpoint": "c", "steps": 2}, backfill_flow={"gallery": "g"},
-                    evaluate_flow={**ROW2, "reasons": ["NFR 0 <= 0.02"]})
+                    transform_flow={"gallery": "g"}, evaluate_flow={**ROW2, "reasons": ["NFR 0 <= 0.02"]})
     serve = StandIn(monkeypatch, "flows.serve", serve=None)
     status = StandIn(monkeypatch, "flows.status", status_tables=lambda config, overrides: [summary_table([ROW1])])
     config = write_config(tmp_path)
     runner = CliRunner()
     for args in (["shard", config], ["train", config, "--set", "train.steps=4"],
-                 ["backfill", config, "--checkpoint", "ck"], ["evaluate", config, "--checkpoint", "ck", "--old", "o"],
+                 ["backfill", config, "--checkpoint", "ck"], ["backfill", config, "--budget", "0.3"],
+                 ["transform", config, "--checkpoint", "ck"], ["evaluate", config, "--checkpoint", "ck", "--old", "o"],
                  ["serve", config, "--cron", "* * * * *"], ["status", config]):
         result = runner.invoke(app, args)
         assert result.exit_code == 0, (args, result.output)
     assert flows.calls == [("shard_flow", (config, []), {}), ("train_flow", (config, ["train.steps=4"]), {}),
-                           ("backfill_flow", (config, []), {"checkpoint": "ck"}),
+                           ("backfill_flow", (config, []), {"checkpoint": "ck", "budget": None}),
+                           ("backfill_flow", (config, []), {"checkpoint": None, "budget": 0.3}),
+                           ("transform_flow", (config, []), {"checkpoint": "ck"}),
                            ("evaluate_flow", (config, []), {"checkpoint": "ck", "old": "o"})]
     assert serve.calls == [("serve", (config, "* * * * *", []), {})]
     assert status.calls == [("status_tables", (config, []), {})]
     assert "NFR 0 <= 0.02" in runner.invoke(app, ["evaluate", config]).stdout
+    result = runner.invoke(app, ["backfill", config, "--budget", "1.5"])  # a share of the gallery: refused
+    assert result.exit_code != 0 and "budget" in result.output

@@ -11,6 +11,10 @@ in-process Ray: the demo's story, run once for the module (about 3 minutes) and 
 - v3: another seed, twice as long, no BCT: better than what is served, not compatible with v1 (still the
   gallery model): backfill, index, switch.
 - v4: 20 steps, below the floor and worse than v3: rejected, the registry byte for byte as it was.
+- v5: with `backfill.transformation`: h from v3 to v5 is trained (a Ray Train job), the gate measures
+  M(new,h(old)) beside M(new,old) and M(new,new), and its decision is given as "transformed gallery": v3's
+  gallery is mapped through h (no image read), indexed and registered, then half of it is re-embedded with v5
+  in two steps (`backfill.budget: 0.5`).
 Gate thresholds: see tests/flows/_flow_helpers.py."""
 from __future__ import annotations
 
@@ -34,20 +38,24 @@ pytestmark = pytest.mark.slow
 # (run name, --set items). v2 fine-tunes v1 gently: on this data every BCT / PC setting that trains further
 # from v1 (lr 1e-5 to 3e-3, lambda_bct 1-100, lambda_pc 0-30, 150-600 steps) left MAP@R(new,old) within
 # +-0.002 of MAP@R(old,old) at best (lr 1e-5, lambda_bct 30: +0.0004 in one process, -0.0016 on Ray), so its
-# gate decision is given (GIVEN_QUERY_MODEL).
+# gate decision is given (GIVEN).
 STORY = [("v1", []),
          ("v2", ["train.init_checkpoint=gallery", "train.lr=1e-5", "loss.bct={old_checkpoint: gallery, lambda_bct: 30.0}"]),
          ("v3", ["train.seed=1", "train.steps=600"]),
-         ("v4", ["train.seed=2", "train.steps=20"])]
-STAGES = ("shard", "train", "evaluate", "update", "publish")
-GIVEN_QUERY_MODEL = {"v2"}
+         ("v4", ["train.seed=2", "train.steps=20"]),
+         ("v5", ["train.seed=3", "train.steps=300", "backfill.budget=0.5", "backfill.step_fraction=0.25",
+                 "backfill.transformation={branch_width: 32, trunk_width: 64, steps: 100, batch_size: 64}"])]
+STAGES = ("shard", "train", "transformation", "evaluate", "update", "publish")
+GIVEN = {"v2": "query_model", "v5": "transformed"}
 
 
-class _QueryModelGate(UpdateGate):
-    """The real gate's conditions and reasons, with the outcome given as "query model"."""
+def _given_gate(outcome: str):
+    class Given(UpdateGate):
+        """The real gate's conditions and reasons, with the outcome given."""
 
-    def decide(self, compat, floor=None):
-        return dataclasses.replace(super().decide(compat, floor), outcome="query_model", action=ACTIONS["query_model"])
+        def decide(self, compat, floor=None):
+            return dataclasses.replace(super().decide(compat, floor), outcome=outcome, action=ACTIONS[outcome])
+    return Given
 
 
 def _files(url: str) -> dict[str, float]:
@@ -72,8 +80,8 @@ def story(prefect_api, tmp_path_factory):
         mp.setattr(tasks.update, "run_backfill",
                    lambda cfg, checkpoint, version, **kw: backfills.append(version) or real(cfg, checkpoint, version, **kw))
         for name, overrides in STORY:
-            mp.setattr(tasks.evaluate, "config_gate", (lambda cfg: _QueryModelGate(**vars(real_gate(cfg))))
-                       if name in GIVEN_QUERY_MODEL else real_gate)
+            mp.setattr(tasks.evaluate, "config_gate", (lambda cfg, g=_given_gate(GIVEN[name]): g(**vars(real_gate(cfg))))
+                       if name in GIVEN else real_gate)
             datasets = _files(f"{root}/storage/datasets")
             registry_before = storage.read_bytes(f"{root}/storage/registry.json") if name != "v1" else None
             state = retrain_flow(config, [f"run.name={name}", *overrides], return_state=True)
@@ -161,13 +169,15 @@ def test_artifacts_and_summary_are_published(story):
 
 
 def test_events_announce_backfills_and_registry_switches(story):
-    events = [e for e in dml_events(expected=7) if e.payload.get("run") in story["runs"]]
+    events = [e for e in dml_events(expected=9) if e.payload.get("run") in story["runs"]]
     assert {e.resource.id for e in events} == {f"dml.gallery.{DATASET}"}
     seen = [(e.event, e.payload["run"]) for e in events]
     assert seen == [("dml.backfill.started", "v1"), ("dml.backfill.finished", "v1"), ("dml.registry.switched", "v1"),
                     ("dml.registry.switched", "v2"),
-                    ("dml.backfill.started", "v3"), ("dml.backfill.finished", "v3"), ("dml.registry.switched", "v3")]
-    assert [e.payload["action"] for e in events if e.event == "dml.registry.switched"] == ["first", "query_model", "switch"]
+                    ("dml.backfill.started", "v3"), ("dml.backfill.finished", "v3"), ("dml.registry.switched", "v3"),
+                    ("dml.registry.switched", "v5"), ("dml.registry.switched", "v5")]
+    assert [e.payload["action"] for e in events if e.event == "dml.registry.switched"] == [
+        "first", "query_model", "switch", "transformed", "reembedded"]
 
 
 def test_metrics_json_matches_a_recomputation_from_the_saved_embeddings(story):
@@ -199,7 +209,7 @@ def test_metrics_json_matches_a_recomputation_from_the_saved_embeddings(story):
         same_backend = evaluate_compatibility(saved["old_z"], z, labels)  # as the evaluation ran it: equal reasons
         gate = UpdateGate(max_nfr=0.2, metric="map_at_r").decide(same_backend, floor=metrics["floor"]["map_at_r"])
         assert story["runs"][name]["row"]["reasons"] == gate.reasons()
-        assert metrics["gate"]["allowed"] == (gate.allowed or name in GIVEN_QUERY_MODEL)
+        assert metrics["gate"]["allowed"] == (gate.allowed or GIVEN.get(name) == "query_model")
 
 
 def test_stage_flows_reuse_the_retrain_outputs(story):
@@ -210,8 +220,25 @@ def test_stage_flows_reuse_the_retrain_outputs(story):
     state = train_flow(config, over, return_state=True)
     assert state.result()["checkpoint"] == story["runs"]["v3"]["entry"].gallery_model.checkpoint
     assert task_runs(state.state_details.flow_run_id) == {"train": "Cached"}
+    out = backfill_flow(config, over)  # v3's own gallery again (after v5's transformed one): nothing re-embedded
+    entry = Registry(story["storage"]).gallery(DATASET)
+    assert entry.gallery_model.version == entry.query_model.version == "v3" and entry.index == out["index"]
+    assert entry.transformation is None
     row = evaluate_flow(config, over)
     assert row["gallery_model"] == "v3" and row["verdict"] == "rejected"  # a model against itself is no gain
-    out = backfill_flow(config, over)
-    entry = Registry(story["storage"]).gallery(DATASET)
-    assert entry.gallery_model.version == "v3" and entry.index == out["index"]
+
+
+def test_a_transformed_gallery_is_served_then_half_re_embedded(story):
+    run = story["runs"]["v5"]
+    row = run["row"]
+    assert task_runs(run["flow_run_id"])["transformation"] == "Completed"
+    assert row["verdict"] == "transformed gallery" and not row["backfill"] and row["gallery_model"] == "v3"
+    assert row["m_new_transformed"] is not None and any(r.startswith(("PASS transformed", "FAIL transformed"))
+                                                        for r in row["reasons"])
+    assert run["backfills"] == ["v1", "v3"]  # no full backfill: the gallery was mapped, then half re-embedded
+    entry = run["entry"]
+    assert (entry.gallery_model.version, entry.query_model.version, entry.reembedded) == ("v3", "v5", 0.5)
+    assert entry.transformation.version == "v5-from-v3"
+    assert entry.embeddings.endswith(f"{GALLERIES}/{DATASET}/v5-transformed/manifest.json")
+    events = [h["event"] for h in json.loads(run["registry_after"])["history"]]  # as v5 left it
+    assert events[-3:] == ["transformed", "reembedded", "reembedded"]

@@ -148,3 +148,31 @@ def test_the_update_serves_the_transformed_gallery_when_the_gate_says_so(served_
     assert now.embeddings.endswith("served-transformed/manifest.json")
     check_index(now.index, now.embeddings)
     Registry(cfg.run.root).switch(manifest.name, entry.gallery_model, entry.embeddings, entry.index, "test: back")
+
+
+def test_side_info_from_a_config_is_trained_self_supervised_then_stored(served_gallery, tmp_path):
+    """`backfill.side_info` naming a config: the side model is trained through the trainer (once: a second
+    backfill reuses it) and its embeddings of the gallery are stored beside the gallery model's."""
+    import yaml
+
+    from dml_core.training.embed import embed_split
+
+    raw, manifest, entry, _, _ = served_gallery
+    side_raw = {"run": {"name": "side-ssl", "root": raw["run"]["root"]},
+                "data": {**raw["data"], "p": None, "k": None, "augment": True},
+                "loss": {"objective": "self_supervised"}, "model": {**raw["model"], "embedding_dim": 8},
+                "train": {"steps": 10, "checkpoint_every": 10, "log_every": 10}, "ray": {"num_workers": 1}}
+    config = tmp_path / "side.yaml"
+    config.write_text(yaml.safe_dump(side_raw))
+    cfg = config_from_dict({**raw, "run": {**raw["run"], "name": "with-side"},
+                            "backfill": {**raw["backfill"], "side_info": str(config)}})
+    result = run_backfill(cfg, entry.gallery_model.checkpoint, "with-side")
+    side = result.manifest["side_info"]
+    assert side.endswith("runs/side-ssl/checkpoints/checkpoint_00000010")
+    stored = load_arrays(result.url, "side", "ids")
+    want = embed_split(side, manifest, "gallery", batch_size=16)
+    assert stored["ids"].tolist() == want.ids.tolist()
+    np.testing.assert_allclose(stored["side"], want.z.numpy(), rtol=1e-5, atol=1e-6)
+    mtime = os.path.getmtime(storage.join(side, "model.pt"))
+    again = run_backfill(cfg, entry.gallery_model.checkpoint, "with-side-again")
+    assert again.manifest["side_info"] == side and os.path.getmtime(storage.join(side, "model.pt")) == mtime

@@ -97,12 +97,13 @@ def test_plan_steps():
     assert plan_steps(7, 1.0, 1.0) == [(0, 7)]
     assert plan_steps(3, 1.0, 0.01) == [(0, 1), (1, 2), (2, 3)]  # at least one item a step
     assert plan_steps(10, 0.0, 0.1) == [] and plan_steps(0, 1.0, 0.1) == []
+    assert plan_steps(930, 0.5, 0.25) == [(0, 232), (232, 465)]  # no one-item step left by rounding each step
     for n, budget, frac in [(1000, 0.37, 0.05), (99, 1.0, 0.07), (5, 0.5, 0.5)]:
         steps = plan_steps(n, budget, frac)
         assert steps[0][0] == 0 and steps[-1][1] == round(budget * n)
         assert all(a[1] == b[0] for a, b in zip(steps, steps[1:]))
-        size = round(frac * n)
-        assert all(e - s == size for s, e in steps[:-1]) and 0 < steps[-1][1] - steps[-1][0] <= size
+        assert all(e == round(k * frac * n) for k, (_, e) in enumerate(steps[:-1], start=1))  # no drift
+        assert 0 < steps[-1][1] - steps[-1][0] <= round(frac * n) + 1
     for bad in [(10, 1.5, 0.1), (10, -0.1, 0.1), (10, 0.5, 0.0), (10, 0.5, 1.2)]:
         with pytest.raises(ValueError):
             plan_steps(*bad)
