@@ -96,10 +96,15 @@ def _update(cfg: Config, checkpoint: str, gate: dict, old: ModelRef | None, serv
 
     def decide(current: GalleryEntry | None) -> GateDecision:
         now = (None, None) if current is None else (current.gallery_model, current.query_model)
-        if now[0] != old or (served is not None and now[1] != served):
-            raise RuntimeError(f"gallery {gallery}: the registry now serves {now}, but the evaluation compared with "
-                               f"{(old, served)}; run the retrain again")
-        return GateDecision.from_dict(gate)
+        if now[0] == old and (served is None or now[1] == served):
+            return GateDecision.from_dict(gate)
+        from dml_core.data.manifest import Manifest
+        from tasks.update import gate_decision
+
+        print(f"[update] gallery {gallery}: the registry now serves {now}, not the {(old, served)} the evaluation "
+              f"compared with (another run changed it): the gate decides again against what is served", flush=True)
+        manifest = Manifest.read(cfg.data_root, cfg.data.dataset, cfg.data.version)
+        return gate_decision(cfg, manifest, current, checkpoint, transformation if now[0] == old else None)
 
     result = run_update(cfg, checkpoint, decide=decide, transformation=transformation,
                         on_backfill=lambda stage, m: events.emit_backfill(stage, gallery, m, cfg.run.name))

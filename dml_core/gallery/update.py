@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from dml_core.gallery.embeddings import read_manifest
-from dml_core.gallery.registry import GalleryEntry, ModelRef, Registry, RegistryError
+from dml_core.gallery.registry import GalleryEntry, ModelRef, Registry, RegistryChanged, RegistryError
 from dml_core.metrics.gate import GateDecision
 
 # (model) -> (URL of the gallery embeddings' manifest, URL of the checked index's manifest)
@@ -35,36 +35,52 @@ class UpdateResult:
         return self.action in ("first", "switch")
 
 
+MAX_DECISIONS = 3  # the gate decides again this often when other writers keep moving the gallery's entry
+
+
 def update_serving(registry: Registry, gallery: str, model: ModelRef,
                    decide: Callable[[GalleryEntry | None], GateDecision], backfill: Backfill,
                    transform: Transform | None = None) -> UpdateResult:
     """Register `model` for `gallery` as `decide(current entry or None)` (the gate) says: rejected -> nothing
     changes; query model only; the gallery transformed by h (`transform`); otherwise `backfill(model)`, then one
-    registry switch."""
-    current = registry.gallery(gallery)
-    decision = decide(current)
+    registry switch. The change is made only against the entry the gate decided on: when another writer moved
+    it meanwhile, the gate decides again against the new entry, so no pair it never checked is served."""
+    for attempt in range(1, MAX_DECISIONS + 1):
+        current = registry.gallery(gallery)
+        try:
+            return _serve(registry, gallery, model, current, decide(current), backfill, transform)
+        except RegistryChanged as e:
+            if attempt == MAX_DECISIONS:
+                raise
+            print(f"[update] {e} (decision {attempt} of at most {MAX_DECISIONS})", flush=True)
+    raise AssertionError("unreachable")
+
+
+def _serve(registry: Registry, gallery: str, model: ModelRef, current: GalleryEntry | None, decision: GateDecision,
+           backfill: Backfill, transform: Transform | None) -> UpdateResult:
+    """Carry out `decision`, made against `current`; RegistryChanged if the entry moved since."""
     old_model = None if current is None else current.gallery_model
     if decision.rejected:
         return UpdateResult("rejected", current, old_model, decision)
     if current is None:
         embeddings, index = backfill(model)
         entry = registry.switch(gallery, model, embeddings, index, "first model of the gallery: " +
-                                "; ".join(decision.reasons()))
+                                "; ".join(decision.reasons()), expected=None)
         return UpdateResult("first", entry, None, decision)
     reason = f"gate against gallery model {current.gallery_model.version}: " + "; ".join(decision.reasons())
     if decision.allowed:
         check_query_model(model, current)
-        return UpdateResult("query_model", registry.set_query_model(gallery, model, reason),
+        return UpdateResult("query_model", registry.set_query_model(gallery, model, reason, expected=current),
                             current.gallery_model, decision)
-    if decision.outcome == "transformed":
+    if decision.transformed:
         if transform is None:
             raise RegistryError(f"the gate chose the transformed gallery for {model.version}, but no transformation "
                                 f"was given to the update")
         h, embeddings, index = transform(model, current)
-        entry = registry.transformed(gallery, model, h, embeddings, index, reason)
+        entry = registry.transformed(gallery, model, h, embeddings, index, reason, expected=current)
         return UpdateResult("transformed", entry, current.gallery_model, decision)
     embeddings, index = backfill(model)
-    entry = registry.switch(gallery, model, embeddings, index, reason)
+    entry = registry.switch(gallery, model, embeddings, index, reason, expected=current)
     return UpdateResult("switch", entry, current.gallery_model, decision)
 
 

@@ -43,9 +43,10 @@ class BackfillCurve:
 
 
 def backfilled_count(fraction: float, n: int) -> int:
-    """Items re-embedded at `fraction` of a gallery of `n`: f * n rounded half up (so 0.05 of 30 is 2, and
-    f * n a hair off an integer by floating point, 0.15 * 100 = 15.000000000000002, is that integer)."""
-    return min(n, max(0, int(np.floor(fraction * n + 0.5 + 1e-9))))
+    """Items re-embedded at `fraction` of a gallery of `n`: `round(f * n)`, Python's rounding (halves to the even
+    integer: 0.05 of 30 is 2, 0.15 of 30 is 4), as a partial backfill with `budget` f re-embeds
+    (gallery/partial_backfill.py), so a curve point is the gallery that budget serves."""
+    return min(n, max(0, round(fraction * n)))
 
 
 def backfill_order(kind: str, ids, *, log_var=None, new=None, transformed=None, seed: int = 0) -> np.ndarray:
@@ -93,7 +94,7 @@ def backfill_curve(query_z, labels, new_gallery, transformed_gallery, order, fra
     `query_z`: the items' new-model embeddings (the queries); `new_gallery` / `transformed_gallery`: the same
     items (same rows) embedded by the new model and by h; `order`: a permutation of the N rows, re-embedded
     first to last. At each fraction f (default FRACTIONS) the first `backfilled_count(f, N)` rows of `order`
-    (f * N rounded half up) hold new embeddings, the rest transformed ones; every item queries the others,
+    (round(f * N), halves to even) hold new embeddings, the rest transformed ones; every item queries the others,
     itself excluded. `metric`: recall_at_1 or map_at_r. Area: the mean of the values.
     """
     if metric not in METRICS:

@@ -60,3 +60,57 @@ def test_unreadable_registry_is_named(tmp_path):
     (tmp_path / "registry.json").write_text("{not json")
     with pytest.raises(RegistryError, match="registry.json is unreadable"):
         Registry(root).galleries()
+
+
+def _switch_many(root: str, gallery: str, n: int, ready, go) -> None:
+    """A second writer: `n` switches of its own gallery, started together with the other writer's."""
+    reg = Registry(root)
+    ready.set()
+    go.wait()
+    for i in range(n):
+        _ = reg.switch(gallery, ModelRef(f"{gallery}-{i}", "ck"), f"{gallery}/{i}/manifest.json",
+                       f"{gallery}/{i}/index.json", f"change {i}")
+
+
+def test_two_writers_keep_every_change(root):
+    """Two processes, 50 switches each on their own gallery of one registry: all 100 changes are kept (a
+    compare-and-swap; a plain read-modify-write loses some of them)."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    go = ctx.Event()
+    readies = [ctx.Event() for _ in range(2)]
+    procs = [ctx.Process(target=_switch_many, args=(root, g, 50, r, go)) for g, r in zip(("a", "b"), readies)]
+    for p in procs:
+        p.start()
+    for r in readies:
+        assert r.wait(120), "a writer did not start"
+    go.set()
+    for p in procs:
+        p.join(300)
+        assert p.exitcode == 0
+    reg = Registry(root)
+    for g in ("a", "b"):
+        assert [h["reason"] for h in reg.history(g)] == [f"change {i}" for i in range(50)]
+        assert reg.gallery(g).gallery_model.version == f"{g}-49"
+
+
+def test_a_change_decided_against_a_moved_entry_is_refused(root):
+    from dml_core.gallery.registry import RegistryChanged
+
+    reg = Registry(root)
+    first = _backfilled(reg, V1)
+    _backfilled(reg, V2)  # another writer switched the gallery after `first` was read
+    with pytest.raises(RegistryChanged, match="decided against gallery model v1.*now has gallery model v2"):
+        reg.set_query_model("fmnist", V3, "compatible with v1", expected=first)
+    with pytest.raises(RegistryChanged):
+        reg.switch("fmnist", V4, "m", "i", "first model", expected=None)
+    assert reg.gallery("fmnist").query_model == V2 and len(reg.history("fmnist")) == 2
+
+
+def test_a_registry_without_history_reads_as_one_with_none(root):
+    storage.write_bytes_atomic(storage.join(root, "registry.json"), json.dumps({"format": 1, "galleries": {}}).encode())
+    reg = Registry(root)
+    assert reg.history() == [] and reg.gallery("fmnist") is None
+    _backfilled(reg, V1)
+    assert len(reg.history()) == 1

@@ -68,3 +68,23 @@ def test_in_a_chain_a_query_model_that_lowers_what_is_served_is_not_registered(s
     better_backfill = UpdateGate().decide(_compat(0.60, 0.61, 0.70, served=0.62), floor=0.40)
     assert update_serving(registry, "g", V3, lambda current: better_backfill, backfill).action == "switch"
     assert registry.gallery("g").query_model == V3 and backfilled == [V3]
+
+
+def test_a_gallery_moved_during_the_gate_is_gated_again_never_served_unchecked(served):
+    """Driver A switches the gallery to vA while driver B's gate compares vB with v1: B's change, decided
+    against v1, is refused by the registry and B's gate decides again against vA (here: rejected), so the
+    registry never pairs vB with vA's index unchecked."""
+    registry, backfill, backfilled = served
+    v_a, seen = ModelRef("vA", "/runs/vA/checkpoints/checkpoint_00000010"), []
+
+    def decide(current):
+        seen.append(current)
+        if len(seen) == 1:  # A lands its switch while B is being gated
+            registry.switch("g", v_a, *backfill(v_a), "driver A")
+            return UpdateGate().decide(_compat(0.60, 0.20, 0.75, served=0.62, nfr=0.4), floor=0.40)  # backfill
+        return UpdateGate().decide(_compat(0.80, 0.20, 0.75, nfr=0.4), floor=0.40)  # worse than vA: rejected
+
+    result = update_serving(registry, "g", V3, decide, backfill)
+    assert [e.gallery_model.version for e in seen] == ["v1", "vA"]
+    assert result.action == "rejected" and registry.gallery("g").gallery_model == registry.gallery("g").query_model == v_a
+    assert [h["reason"] for h in registry.history("g")][-1] == "driver A"  # B's switch never landed
