@@ -3,16 +3,17 @@ FCT's h (without and with side-info), backfill part of it in FastFill's order, o
 
     python benchmarks/backfill_paths.py [--seeds 0 1 2] [--quick]
 
-One dataset (font_glyphs variant many, the first --max-classes code points, sharded as configs/demo.yaml:
+One dataset (font_glyphs variant many, its first `max_classes` code points, sharded as configs/demo.yaml: the
 held-out classes split into eval and gallery). Per seed, in this process (`loop.fit`, no Ray): an OLD model on
-the first --old-classes training classes, a NEW model (wider, longer) on all of them, a small SIDE-INFO model
-trained self-supervised; the training split embedded by the three; h trained on those embeddings
-(`fit_transformation`) without and with side-info, both with FastFill's uncertainty. Evaluated leave-one-out on
-the eval split (held-out classes): M(old,old), M(new,old), M(new,h(old)) for each h, M(new,new), MAP@R and
-Recall@1, beside the raw-pixel floor; gap closed = (M(new,h) - M(old,old)) / (M(new,new) - M(old,old)); the
-backfill curve (21 points) and its area in random, uncertainty and oracle order (the side-info h). Cost, once
-(the first seed): items/s of transforming the gallery split's stored old (+ side) embeddings against
-re-embedding its images with the new model, in this process with the same torch threads.
+the first `old_classes` training classes, a NEW model (wider, longer, larger batches) on all of them, a small
+SIDE-INFO model trained self-supervised; the training split embedded by the three; h trained on those
+embeddings (`fit_transformation`) without and with side-info, both with FastFill's uncertainty. Evaluated
+leave-one-out on the eval split (held-out classes): M(old,old), M(new,old), M(new,h(old)) for each h,
+M(new,new) and the side model's own M(side,side), MAP@R and Recall@1, beside the raw-pixel floor; the gap
+closed, (M(new,h) - M(old,old)) / (M(new,new) - M(old,old)); the backfill curve (21 points) and its area in
+random, uncertainty and oracle order (the side-info h). Cost, once (the first seed): items/s of transforming
+the gallery split's stored old (+ side) embeddings against re-embedding its images with the new model, in
+this process with the same torch threads. `--set key=value` (JSON values) changes a setting of FULL.
 
 Writes benchmarks/results/backfill_paths.json and .md.
 """
@@ -42,13 +43,20 @@ from dml_core.training.state import CHECKPOINTS, checkpoint_dir_name  # noqa: E4
 
 RESULTS = os.path.join(REPO, "benchmarks", "results")
 METRICS = ("map_at_r", "recall_at_1")
-SETTINGS = ("old/old", "new/old", "new/h(old)", "new/h(old,side)", "new/new")
+SETTINGS = ("old/old", "new/old", "new/h(old)", "new/h(old,side)", "new/new", "side/side")
+TRANSFORMED = ("new/h(old)", "new/h(old,side)")
 THREADS = 2
-FULL = {"max_classes": 200, "image_size": 24, "eval_class_fraction": 0.3, "old_classes": 70, "old_steps": 300,
-        "new_steps": 600, "side_steps": 300, "h_steps": 1500, "h_batch": 256, "branch_width": 128,
-        "trunk_width": 512}
-QUICK = {"max_classes": 40, "image_size": 16, "eval_class_fraction": 0.4, "old_classes": 16, "old_steps": 20,
-         "new_steps": 30, "side_steps": 10, "h_steps": 40, "h_batch": 128, "branch_width": 32, "trunk_width": 64}
+# lambda_c 0: FastFill's point-to-cluster term pulls h(old) towards the training classes' prototypes, which the
+# held-out classes evaluated here are not (a one-seed probe with a weaker old and new: new/h(old,side) MAP@R
+# 0.364 with lambda_c 1, 0.455 with 0).
+FULL = {"max_classes": 200, "image_size": 24, "eval_class_fraction": 0.3,
+        "old_classes": 70, "old_steps": 300, "old_widths": [16, 32, 64],
+        "new_steps": 600, "new_widths": [32, 64, 128], "new_batch": 128,
+        "side_steps": 600, "side_widths": [32, 64], "side_dim": 32,
+        "h_steps": 1500, "h_batch": 256, "branch_width": 128, "trunk_width": 512, "lambda_c": 0.0}
+QUICK = {**FULL, "max_classes": 40, "image_size": 16, "eval_class_fraction": 0.4, "old_classes": 16,
+         "old_steps": 20, "new_steps": 30, "new_batch": 64, "side_steps": 10, "h_steps": 40, "h_batch": 128,
+         "branch_width": 32, "trunk_width": 64}
 
 
 def shard(work: str, s: dict) -> dict:
@@ -70,10 +78,12 @@ def shard(work: str, s: dict) -> dict:
             "floor": {"map_at_r": floor["map_at_r"], "recall_at_1": floor["recall_at_k"]["1"]}}
 
 
-def model_config(dataset: dict, name: str, seed: int, steps: int, model: dict, **over) -> "Config":  # noqa: F821
+def model_config(dataset: dict, name: str, seed: int, steps: int, model: dict, batch: int = 64,
+                 **over) -> "Config":  # noqa: F821
     m = dataset["manifest"]
     raw = {"run": {"name": name, "root": dataset["root"]},
-           "data": {"dataset": m.name, "version": m.version, "root": dataset["root"], "batch_size": 64, "p": 16, "k": 4},
+           "data": {"dataset": m.name, "version": m.version, "root": dataset["root"], "batch_size": batch,
+                    "p": batch // 4, "k": 4},
            "model": {"backbone": "small_cnn", "embedding_dim": 64, **model},
            "loss": {"base": "info_nce", "tau": 0.1},
            "train": {"steps": steps, "lr": 3e-3, "warmup_steps": min(20, steps // 5), "checkpoint_every": steps,
@@ -89,12 +99,13 @@ def train_models(data: dict, s: dict, seed: int) -> tuple[dict, dict]:
     size = s["image_size"]
     configs = {
         "old": model_config(data, f"old-{seed}", seed, s["old_steps"],
-                            {"image_size": size, "backbone_options": {"widths": [16, 32, 64]}},
+                            {"image_size": size, "backbone_options": {"widths": s["old_widths"]}},
                             data={"train_classes": s["old_classes"]}),
         "new": model_config(data, f"new-{seed}", seed, s["new_steps"],
-                            {"image_size": size, "backbone_options": {"widths": [32, 64, 128]}}),
+                            {"image_size": size, "backbone_options": {"widths": s["new_widths"]}}, s["new_batch"]),
         "side": model_config(data, f"side-{seed}", seed, s["side_steps"],
-                             {"image_size": size, "embedding_dim": 32, "backbone_options": {"widths": [16, 32]}},
+                             {"image_size": size, "embedding_dim": s["side_dim"],
+                              "backbone_options": {"widths": s["side_widths"]}},
                              data={"p": None, "k": None, "augment": True}, loss={"objective": "self_supervised"}),
     }
     models, seconds = {}, {}
@@ -102,16 +113,19 @@ def train_models(data: dict, s: dict, seed: int) -> tuple[dict, dict]:
         t = time.perf_counter()
         fit(cfg, data["manifest"], Worker())
         seconds[f"train_{name}"] = round(time.perf_counter() - t, 1)
-        models[name] = load_checkpoint_model(os.path.join(cfg.run_dir, CHECKPOINTS, checkpoint_dir_name(cfg.train.steps)))
+        final = os.path.join(cfg.run_dir, CHECKPOINTS, checkpoint_dir_name(cfg.train.steps))
+        models[name] = load_checkpoint_model(final)
     return models, seconds
 
 
-def embed_all(models: dict, manifest, splits=("train", "eval", "gallery")) -> dict:
-    """{split: {model name: z, "labels": .., "ids": ..}}, rows in the same (reader) order for every model."""
+def embed_all(models: dict, manifest, splits: dict) -> dict:
+    """{split: {model name: z, "labels": .., "ids": ..}} for `splits` {split: model names}, rows in the same
+    (reader) order for every model."""
     out = {}
-    for split in splits:
+    for split, names in splits.items():
         row = {}
-        for name, model in models.items():
+        for name in names:
+            model = models[name]
             z, labels, ids = embed_split(model, manifest, split, batch_size=512)
             if "ids" in row and not torch.equal(row["ids"], ids):
                 raise RuntimeError(f"{split}: models embedded the items in different orders")
@@ -126,7 +140,8 @@ def train_h(emb: dict, s: dict, seed: int, work: str, side: bool) -> tuple:
 
     tr = emb["train"]
     t = TransformationSection(branch_width=s["branch_width"], trunk_width=s["trunk_width"], uncertainty=True,
-                              steps=s["h_steps"], batch_size=s["h_batch"], checkpoint_every=s["h_steps"])
+                              lambda_c=s["lambda_c"], steps=s["h_steps"], batch_size=s["h_batch"],
+                              checkpoint_every=s["h_steps"])
     data = TransformationData(tr["old"], tr["new"], tr["labels"], tr["side"] if side else None)
     out = fit_transformation(t, data, os.path.join(work, f"h-{'side' if side else 'plain'}-{seed}"), Worker(), seed)
     return load_transformation(out["checkpoint"]), {"mse_train": round(out["mse"], 4), "loss": round(out["loss"], 4)}
@@ -143,41 +158,45 @@ def gap_closed(m: dict, setting: str, metric: str) -> float | None:
 
 
 def one_seed(data: dict, s: dict, seed: int, work: str, measure_cost: bool) -> dict:
-    from dml_core.training.transformation import apply_transformation
-
     t0 = time.perf_counter()
     models, seconds = train_models(data, s, seed)
     t = time.perf_counter()
-    emb = embed_all(models, data["manifest"])
+    splits = {"train": models, "eval": models, **({"gallery": ("old", "side")} if measure_cost else {})}
+    emb = embed_all(models, data["manifest"], splits)
     seconds["embed"] = round(time.perf_counter() - t, 1)
     hs, h_info = {}, {}
-    for side in (False, True):
+    for key in ("plain", "side"):
         t = time.perf_counter()
-        key = "side" if side else "plain"
-        hs[key], h_info[key] = train_h(emb, s, seed, work, side)
+        hs[key], h_info[key] = train_h(emb, s, seed, work, side=key == "side")
         seconds[f"train_h_{key}"] = round(time.perf_counter() - t, 1)
-    ev = emb["eval"]
-    z_plain, _ = apply_transformation(hs["plain"], ev["old"])
-    z_side, log_var = apply_transformation(hs["side"], ev["old"], ev["side"])
-    galleries = {"old/old": ("old", ev["old"]), "new/old": ("new", ev["old"]), "new/h(old)": ("new", z_plain),
-                 "new/h(old,side)": ("new", z_side), "new/new": ("new", ev["new"])}
     t = time.perf_counter()
-    m = {name: scores(ev[q], g, ev["labels"]) for name, (q, g) in galleries.items()}
-    gap = {name: {k: gap_closed(m, name, k) for k in METRICS} for name in ("new/h(old)", "new/h(old,side)")}
-    orders = {kind: backfill_order(kind, ev["ids"].numpy(), log_var=log_var, new=ev["new"], transformed=z_side,
-                                   seed=seed) for kind in ORDERS}
-    curves = {kind: backfill_curve(ev["new"], ev["labels"], ev["new"], z_side, order, metric="map_at_r").to_dict()
-              for kind, order in orders.items()}
+    out = {"seed": seed, **evaluate(emb["eval"], hs, seed), "h": h_info}
     seconds["evaluate"] = round(time.perf_counter() - t, 1)
-    out = {"seed": seed, "metrics": m, "gap_closed": gap, "h": h_info, "curves": curves,
-           "uncertainty_minus_random": curves["uncertainty"]["area"] - curves["random"]["area"],
-           "log_var_distance_spearman": spearman(log_var.numpy(), (z_side - ev["new"]).norm(dim=1).numpy())}
     if measure_cost:
         out["cost"] = cost(hs, models["new"], emb["gallery"], data["manifest"])
     seconds["total"] = round(time.perf_counter() - t0, 1)
     out["seconds"] = seconds
     print(json.dumps({k: v for k, v in out.items() if k != "curves"}), flush=True)
     return out
+
+
+def evaluate(ev: dict, hs: dict, seed: int) -> dict:
+    """The settings' metrics, the gap closed, and the side-info h's backfill curve in each order."""
+    from dml_core.training.transformation import apply_transformation
+
+    z_plain, _ = apply_transformation(hs["plain"], ev["old"])
+    z_side, log_var = apply_transformation(hs["side"], ev["old"], ev["side"])
+    galleries = {"old/old": ("old", ev["old"]), "new/old": ("new", ev["old"]), "new/h(old)": ("new", z_plain),
+                 "new/h(old,side)": ("new", z_side), "new/new": ("new", ev["new"]), "side/side": ("side", ev["side"])}
+    m = {name: scores(ev[q], g, ev["labels"]) for name, (q, g) in galleries.items()}
+    orders = {kind: backfill_order(kind, ev["ids"].numpy(), log_var=log_var, new=ev["new"], transformed=z_side,
+                                   seed=seed) for kind in ORDERS}
+    curves = {kind: backfill_curve(ev["new"], ev["labels"], ev["new"], z_side, order, metric="map_at_r").to_dict()
+              for kind, order in orders.items()}
+    return {"metrics": m, "curves": curves,
+            "gap_closed": {name: {k: gap_closed(m, name, k) for k in METRICS} for name in TRANSFORMED},
+            "uncertainty_minus_random": curves["uncertainty"]["area"] - curves["random"]["area"],
+            "log_var_distance_spearman": spearman(log_var.numpy(), (z_side - ev["new"]).norm(dim=1).numpy())}
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
@@ -208,7 +227,7 @@ def summarise(seeds: list[dict], floor: dict, info: dict) -> dict:
     mean = lambda xs: float(np.mean(xs))  # noqa: E731
     diffs = [r["uncertainty_minus_random"] for r in seeds]
     gap = {name: {k: mean([r["gap_closed"][name][k] for r in seeds if r["gap_closed"][name][k] is not None])
-                  for k in METRICS} for name in ("new/h(old)", "new/h(old,side)")}
+                  for k in METRICS} for name in TRANSFORMED}
     new_new = mean([r["metrics"]["new/new"]["map_at_r"] for r in seeds])
     return {
         "metrics_mean": {name: {k: mean([r["metrics"][name][k] for r in seeds]) for k in METRICS} for name in SETTINGS},
@@ -227,73 +246,87 @@ def summarise(seeds: list[dict], floor: dict, info: dict) -> dict:
 
 
 def markdown(res: dict) -> str:
-    f = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
-    pct = lambda v: "-" if v is None else f"{100 * v:.1f}%"  # noqa: E731
-    s, info, floor, summ = res["settings"], res["dataset"], res["floor"], res["summary"]
+    return "\n".join([*_md_header(res), *_md_retrieval(res), *_md_curves(res), *_md_cost(res)]) + "\n"
+
+
+def _md_header(res: dict) -> list[str]:
+    s, info = res["settings"], res["dataset"]
+    return ["# Backfill paths: FCT transformation and FastFill order (glyphs, many)", "",
+            f"Command: `{res['command']}`", "",
+            f"Machine: {res['machine']}, torch {res['torch']}, {THREADS} torch threads; load average before "
+            f"{res['load_before']}, after {res['load_after']}; wall {res['total_seconds']:.0f} s, process CPU "
+            f"{res['cpu_seconds']:.0f} s.", "",
+            f"Data: font_glyphs many, first {s['max_classes']} code points at {s['image_size']} px: {info['classes']} "
+            f"classes ({info['train_classes']} training, {info['held_out_classes']} held out); eval split "
+            f"{info['split_images']['eval']} images of the held-out classes (every metric: leave-one-out on it), "
+            f"gallery split {info['split_images']['gallery']} (cost only). "
+            f"Models (small_cnn, in-process `fit`, InfoNCE tau 0.1): old {s['old_widths']} 64-d, first "
+            f"{s['old_classes']} training classes, {s['old_steps']} steps of 64; new {s['new_widths']} 64-d, all "
+            f"training classes, {s['new_steps']} steps of {s['new_batch']}; side {s['side_widths']} {s['side_dim']}-d, "
+            f"self-supervised (two augmented views), {s['side_steps']} steps of 64. h: branch {s['branch_width']}, "
+            f"trunk {s['trunk_width']}, {s['h_steps']} steps of {s['h_batch']}, FastFill's loss with uncertainty, "
+            f"lambda_c {s['lambda_c']:g}, trained on the training split's embeddings. A seed sets every model's init "
+            "and batch order, h's seed and the random order.", ""]
+
+
+def _md_retrieval(res: dict) -> list[str]:
+    floor, summ = res["floor"], res["summary"]
     fl = f"{floor['map_at_r']:.4f} / {floor['recall_at_1']:.4f}"
-    lines = ["# Backfill paths: FCT transformation and FastFill order (glyphs, many)", "",
-             f"Command: `{res['command']}`", "",
-             f"Machine: {res['machine']}, torch {res['torch']}, {THREADS} torch threads; load average before "
-             f"{res['load_before']}, after {res['load_after']}; total {res['total_seconds']:.0f} s.", "",
-             f"Data: font_glyphs many, first {s['max_classes']} code points at {s['image_size']} px, {info['classes']} "
-             f"classes ({info['train_classes']} training, {info['held_out_classes']} held out), eval split "
-             f"{info['split_images']['eval']} images (leave-one-out), gallery split {info['split_images']['gallery']}. "
-             f"Models (small_cnn, in-process `fit`, batch 64): old [16, 32, 64] 64-d, first {s['old_classes']} training "
-             f"classes, {s['old_steps']} steps; new [32, 64, 128] 64-d, all training classes, {s['new_steps']} steps; side "
-             f"[16, 32] 32-d, self-supervised (augmented views), {s['side_steps']} steps. h: branch {s['branch_width']}, "
-             f"trunk {s['trunk_width']}, {s['h_steps']} steps of {s['h_batch']}, FastFill loss (uncertainty, "
-             "lambda_c 1), trained on the training split's embeddings; seed = model init, batch order and h's seed.", "",
-             "## Retrieval on held-out classes (leave-one-out, eval split), MAP@R / Recall@1", "",
+    pct = lambda v: "-" if v is None else f"{100 * v:.1f}%"  # noqa: E731
+    both = lambda m: f"{m['map_at_r']:.4f} / {m['recall_at_1']:.4f}"  # noqa: E731
+    lines = ["## Retrieval on the held-out classes, MAP@R / Recall@1 (query model / gallery)", "",
              "| seed | floor (raw pixels) | " + " | ".join(SETTINGS) + " |", "|---|---:|" + "---:|" * len(SETTINGS)]
-    for r in res["seeds"]:
-        lines.append(f"| {r['seed']} | {fl} | " + " | ".join(
-            f"{r['metrics'][n]['map_at_r']:.4f} / {r['metrics'][n]['recall_at_1']:.4f}" for n in SETTINGS) + " |")
-    mm = summ["metrics_mean"]
-    lines.append(f"| mean | {fl} | " + " | ".join(f"{mm[n]['map_at_r']:.4f} / {mm[n]['recall_at_1']:.4f}"
-                                                    for n in SETTINGS) + " |")
-    lines += ["", "## Gap closed = (M(new,h) - M(old,old)) / (M(new,new) - M(old,old))", "",
-              "| seed | floor MAP@R / R@1 | h(old) MAP@R | h(old) R@1 | h(old,side) MAP@R | h(old,side) R@1 | "
-              "h train MSE (plain / side) |", "|---|---:|---:|---:|---:|---:|---:|"]
-    for r in res["seeds"]:
+    lines += [f"| {r['seed']} | {fl} | " + " | ".join(both(r["metrics"][n]) for n in SETTINGS) + " |"
+              for r in res["seeds"]]
+    lines += [f"| mean | {fl} | " + " | ".join(both(summ["metrics_mean"][n]) for n in SETTINGS) + " |", "",
+              "## Gap closed = (M(new,h) - M(old,old)) / (M(new,new) - M(old,old))", "",
+              "| seed | floor MAP@R / R@1 | h(old): MAP@R | R@1 | h(old,side): MAP@R | R@1 | "
+              "h train MSE plain / side |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in [*res["seeds"], {"seed": "mean", "gap_closed": summ["gap_closed_mean"]}]:
         g = r["gap_closed"]
-        lines.append(f"| {r['seed']} | {fl} | {pct(g['new/h(old)']['map_at_r'])} | {pct(g['new/h(old)']['recall_at_1'])} | "
-                     f"{pct(g['new/h(old,side)']['map_at_r'])} | {pct(g['new/h(old,side)']['recall_at_1'])} | "
-                     f"{r['h']['plain']['mse_train']} / {r['h']['side']['mse_train']} |")
-    g = summ["gap_closed_mean"]
-    lines.append(f"| mean | {fl} | {pct(g['new/h(old)']['map_at_r'])} | {pct(g['new/h(old)']['recall_at_1'])} | "
-                 f"{pct(g['new/h(old,side)']['map_at_r'])} | {pct(g['new/h(old,side)']['recall_at_1'])} | |")
-    lines += ["", "## Backfill curve (side-info h, MAP@R, leave-one-out): area = mean of the 21 points", "",
-              "| seed | floor MAP@R | random | uncertainty | oracle | uncertainty - random | "
-              "Spearman(s, ||h - new||) |", "|---|---:|---:|---:|---:|---:|---:|"]
+        mse = f"{r['h']['plain']['mse_train']} / {r['h']['side']['mse_train']}" if "h" in r else ""
+        lines.append(f"| {r['seed']} | {fl} | " + " | ".join(pct(g[n][k]) for n in TRANSFORMED for k in METRICS)
+                     + f" | {mse} |")
+    return lines + [""]
+
+
+def _md_curves(res: dict) -> list[str]:
+    floor, summ = res["floor"]["map_at_r"], res["summary"]
+    lines = ["## Backfill curve of the side-info h (MAP@R); area = mean of the 21 points", "",
+             "| seed | floor MAP@R | random | uncertainty | oracle | uncertainty - random | "
+             "Spearman(s, h-new distance) |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for r in res["seeds"]:
-        c = r["curves"]
-        lines.append(f"| {r['seed']} | {floor['map_at_r']:.4f} | {c['random']['area']:.4f} | "
-                     f"{c['uncertainty']['area']:.4f} | {c['oracle']['area']:.4f} | {r['uncertainty_minus_random']:+.4f} | "
-                     f"{r['log_var_distance_spearman']:.3f} |")
-    d, cm = summ["uncertainty_minus_random"], summ["curve_mean"]
-    lines += [f"| mean | {floor['map_at_r']:.4f} | {cm['random']:.4f} | {cm['uncertainty']:.4f} | {cm['oracle']:.4f} | "
-              f"{d['mean']:+.4f} (min {d['min']:+.4f}, max {d['max']:+.4f} over seeds) | |", "",
-              "Curve points, mean over seeds (fraction of the gallery re-embedded with the new model):", "",
+        a = {k: r["curves"][k]["area"] for k in ORDERS}
+        lines.append(f"| {r['seed']} | {floor:.4f} | {a['random']:.4f} | {a['uncertainty']:.4f} | {a['oracle']:.4f} | "
+                     f"{r['uncertainty_minus_random']:+.4f} | {r['log_var_distance_spearman']:.3f} |")
+    d, a = summ["uncertainty_minus_random"], summ["curve_mean"]
+    lines += [f"| mean | {floor:.4f} | {a['random']:.4f} | {a['uncertainty']:.4f} | {a['oracle']:.4f} | "
+              f"{d['mean']:+.4f} [{d['min']:+.4f}, {d['max']:+.4f}] | |", "",
+              "Interval: min and max over the seeds of the paired difference (same models, h and queries; only the "
+              f"order differs); positive in {d['seeds_positive']} of {d['seeds']} seeds. The oracle order needs the "
+              "new embeddings it would save computing: an upper reference only.", "",
+              "Curve points, mean over the seeds (f: share of the gallery re-embedded with the new model):", "",
               "| f | floor | random | uncertainty | oracle |", "|---:|---:|---:|---:|---:|"]
-    fracs = res["seeds"][0]["curves"]["random"]["fractions"]
-    for j, fr in enumerate(fracs):
+    for j, f in enumerate(res["seeds"][0]["curves"]["random"]["fractions"]):
         v = {k: np.mean([r["curves"][k]["values"][j] for r in res["seeds"]]) for k in ORDERS}
-        lines.append(f"| {fr:.2f} | {floor['map_at_r']:.4f} | {v['random']:.4f} | {v['uncertainty']:.4f} | "
-                     f"{v['oracle']:.4f} |")
-    c = res["seeds"][0]["cost"]
-    lines += ["", f"## Cost (seed {res['seeds'][0]['seed']}, one run, {c['torch_threads']} torch threads, this process)",
-              "", "| path | items/s | vs re-embedding | floor MAP@R |", "|---|---:|---:|---:|",
-              f"| re-embed the gallery split's {c['gallery_items']} images with new (read, decode, forward) | "
-              f"{c['reembed_items_per_s']} | 1 | {floor['map_at_r']:.4f} |",
-              f"| h(old) of the stored old embeddings | {c['transform_plain_items_per_s']} | {c['ratio_plain']}x | "
-              f"{floor['map_at_r']:.4f} |",
-              f"| h(old, side) of the stored old + side embeddings | {c['transform_side_items_per_s']} | "
-              f"{c['ratio_side']}x | {floor['map_at_r']:.4f} |", "",
-              "Checks: " + "; ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in summ["checks"].items()) + ".", "",
-              "Goals: " + "; ".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in summ["goals"].items()) + ".", "",
-              "Interval of uncertainty - random: min and max of the per-seed paired differences (same models, same h, "
-              "same queries; only the order differs). Oracle order needs the new embeddings: an upper reference only."]
-    return "\n".join(lines) + "\n"
+        lines.append(f"| {f:.2f} | {floor:.4f} | {v['random']:.4f} | {v['uncertainty']:.4f} | {v['oracle']:.4f} |")
+    return lines + [""]
+
+
+def _md_cost(res: dict) -> list[str]:
+    c, floor, summ = res["seeds"][0]["cost"], res["floor"]["map_at_r"], res["summary"]
+    return [f"## Cost (seed {res['seeds'][0]['seed']}, one run, {c['torch_threads']} torch threads, one process)", "",
+            "| path | items/s | vs re-embedding | floor MAP@R |", "|---|---:|---:|---:|",
+            f"| re-embed the gallery split's {c['gallery_items']} images with new (read, decode, forward) | "
+            f"{c['reembed_items_per_s']} | 1 | {floor:.4f} |",
+            f"| h(old) of the stored old embeddings | {c['transform_plain_items_per_s']} | {c['ratio_plain']}x | "
+            f"{floor:.4f} |",
+            f"| h(old, side) of the stored old + side embeddings | {c['transform_side_items_per_s']} | "
+            f"{c['ratio_side']}x | {floor:.4f} |", "",
+            "Checks: " + "; ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in summ["checks"].items()) + ".", "",
+            "Goals: " + "; ".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in summ["goals"].items()) + "."]
 
 
 def main(argv=None) -> None:
@@ -309,9 +342,9 @@ def main(argv=None) -> None:
         key, value = item.split("=", 1)
         if key not in settings:
             raise SystemExit(f"unknown setting {key!r}; known: {', '.join(settings)}")
-        settings[key] = int(value) if value.isdigit() else float(value)
+        settings[key] = json.loads(value)
     torch.set_num_threads(THREADS)
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     res = {"command": "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], REPO),
                                                                      *(argv or sys.argv[1:])]),
            "machine": f"{os.cpu_count()} CPUs ({platform.platform()})", "torch": torch.__version__,
@@ -324,6 +357,7 @@ def main(argv=None) -> None:
             res["seeds"].append(one_seed(data, settings, seed, work, measure_cost=i == 0))
     res["summary"] = summarise(res["seeds"], res["floor"], res["dataset"])
     res["total_seconds"] = round(time.perf_counter() - t0, 1)
+    res["cpu_seconds"] = round(time.process_time() - cpu0, 1)  # about 2x the wall time on an idle machine
     res["load_after"] = [round(x, 2) for x in os.getloadavg()]
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out + ".json", "w") as fh:

@@ -56,9 +56,12 @@ def test_curve_is_the_brute_force_leave_one_out_at_every_fraction(items, metric)
 
 def test_endpoints_are_the_cross_model_metrics(items):
     new, transformed, labels, ids = items
-    curve = backfill_curve(torch.tensor(new), labels, new, transformed, backfill_order("oracle", ids, new=new,
-                           transformed=transformed))
-    m = lambda g: evaluate_retrieval(new, labels, gallery_z=g, gallery_labels=labels, exclude_self=True).map_at_r  # noqa: E731
+    order = backfill_order("oracle", ids, new=new, transformed=transformed)
+    curve = backfill_curve(torch.tensor(new), labels, new, transformed, order)
+
+    def m(gallery):  # M(new, gallery), leave-one-out
+        return evaluate_retrieval(new, labels, gallery_z=gallery, gallery_labels=labels, exclude_self=True).map_at_r
+
     assert curve.values[0] == pytest.approx(m(transformed)) and curve.values[-1] == pytest.approx(m(new))
     assert curve.values[-1] > curve.values[0]  # the noisy transformed gallery is worse
 
