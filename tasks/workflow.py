@@ -23,10 +23,11 @@ from tasks import evaluate, events, publish, shard
 
 def would_recur(task, task_run, state) -> bool:
     """Prefect's retry condition: retry a failed stage unless its error would come back (a bad config or
-    dataset, a full disk, a training run stopped for such an error)."""
+    dataset, a full disk, a training run stopped for such an error, a run another driver holds)."""
+    from dml_core.training.lease import LeaseHeldError
     from tasks.train import TrainingError
 
-    return not isinstance(state.data, (ConfigError, ManifestError, StorageFullError, TrainingError))
+    return not isinstance(state.data, (ConfigError, ManifestError, StorageFullError, TrainingError, LeaseHeldError))
 
 
 IO_RETRIES = {"retries": 2, "retry_delay_seconds": exponential_backoff(backoff_factor=5),

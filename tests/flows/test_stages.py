@@ -32,3 +32,16 @@ def test_an_error_that_would_recur_is_not_retried(prefect_api, tmp_path):
     with pytest.raises(ConfigError, match="glyphs-tiny/deadbeef0000/manifest.json not found"):
         train_flow(config, ["data.version=deadbeef0000"])
     assert time.monotonic() - t0 < 10
+
+
+def test_the_errors_that_recur_are_the_ones_not_retried():
+    from types import SimpleNamespace
+
+    from dml_core.training.lease import LeaseHeldError
+    from tasks.workflow import would_recur
+
+    def recurs(error) -> bool:
+        return not would_recur(None, None, SimpleNamespace(data=error))
+
+    assert recurs(LeaseHeldError("held by another driver")) and recurs(ConfigError("bad"))
+    assert not recurs(OSError("connection reset"))
