@@ -72,8 +72,12 @@ def embed_models(cfg: Config, manifest: Manifest, checkpoint: str, old: ModelRef
     return new, others.get("old"), others.get("served")
 
 
-def transformed_embeddings(cfg: Config, manifest: Manifest, old: Embeddings, h: TrainedTransformation) -> torch.Tensor:
-    """h applied to the old model's embeddings of the eval split, with its side-info model's of the same items."""
+def transformed_embeddings(cfg: Config, manifest: Manifest, old: Embeddings | None,
+                           h: TrainedTransformation | None) -> torch.Tensor | None:
+    """h applied to the old model's embeddings of the eval split, with its side-info model's of the same items;
+    None without an old model or an h."""
+    if old is None or h is None:
+        return None
     from dml_core.models.transformation import load_transformation
     from dml_core.training.transformation import apply_transformation
 
@@ -96,9 +100,7 @@ def run_evaluation(cfg: Config, checkpoint: str, old: ModelRef | None, version: 
     storage.use_retry_seconds(cfg.storage.retry_seconds)
     manifest = Manifest.read(cfg.data_root, cfg.data.dataset, cfg.data.version)
     new, old_emb, served_emb = embed_models(cfg, manifest, checkpoint, old, served)
-    transformed = None
-    if transformation is not None and old_emb is not None:
-        transformed = transformed_embeddings(cfg, manifest, old_emb, transformation)
+    transformed = transformed_embeddings(cfg, manifest, old_emb, transformation)
     out = evaluation_dir(cfg)
     files = {k: storage.join(out, v) for k, v in FILES.items()}
     save_embeddings(files["embeddings"], new, old_emb, served_emb, transformed)

@@ -26,9 +26,7 @@ def gate_decision(cfg: Config, manifest: Manifest, current: GalleryEntry | None,
     floor."""
     old, served = (None, None) if current is None else (current.gallery_model, current.query_model)
     new, old_emb, served_emb = embed_models(cfg, manifest, checkpoint, old, served)
-    transformed = None
-    if transformation is not None and old_emb is not None:
-        transformed = transformed_embeddings(cfg, manifest, old_emb, transformation)
+    transformed = transformed_embeddings(cfg, manifest, old_emb, transformation)
     return decide_gate(new.z, new.labels, old_z=None if old_emb is None else old_emb.z,
                        served_z=None if served_emb is None else served_emb.z, transformed_z=transformed,
                        floor=config_floor(cfg, manifest, checkpoint), gate=config_gate(cfg))[1]
