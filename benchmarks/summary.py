@@ -8,7 +8,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 ORDER = ["glyph_dataset", "loss_memory", "decomposable_bias", "eval_scale", "data_throughput", "train_throughput", "pc_throughput",
-         "index_build_search", "backfill_throughput", "backfill_paths", "shard_preflight", "demo_story"]
+         "index_build_search", "backfill_throughput", "backfill_paths", "serve_load", "shard_preflight", "demo_story"]
 HEADER = """# Benchmarks
 
 Speed and memory targets are checked by these scripts, not by timed tests. Each script measures ratios

@@ -9,12 +9,12 @@ import sys
 import time
 
 
-def die_with_parent() -> None:
-    """In the child before exec (Linux): get SIGTERM when the starting thread's process dies, even by SIGKILL."""
+def die_with_parent(sig: int = signal.SIGTERM) -> None:
+    """In the child before exec (Linux): get `sig` when the starting thread's process dies, even by SIGKILL."""
     if sys.platform.startswith("linux"):
         import ctypes
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, sig)  # PR_SET_PDEATHSIG
 
 
 def stop_group(proc: subprocess.Popen | None, grace: float = 20.0) -> None:

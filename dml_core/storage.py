@@ -107,6 +107,13 @@ def use_endpoint(endpoint_url: str | None) -> None:
         os.environ[ENDPOINT_ENV] = endpoint_url
 
 
+def configure(settings) -> None:
+    """Use a config's `storage` section (endpoint, retry window) in this process and the ones it starts: done at
+    the entry of every command, flow and task, before its first storage access."""
+    use_endpoint(settings.endpoint_url)
+    use_retry_seconds(settings.retry_seconds)
+
+
 def is_local(url: str) -> bool:
     """True for a plain path or a `file://` URL."""
     return "://" not in url or url.startswith("file://")

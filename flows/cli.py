@@ -62,11 +62,13 @@ def _errors(debug: bool):
 def _prepare(config: str, sets: Optional[List[str]], *, services: bool = True, story: bool = False):
     """Load and validate the config (and with `story`, each of its `runs`), check the storage root and, with
     `services`, the Ray cluster and Prefect API it names. Returns (config, [(run name, --set items)])."""
+    from dml_core import storage
     from dml_core.config import load_config, load_story, parse_overrides
     from dml_core.preflight import check_storage_root
 
     sets = list(sets or [])
     cfg = load_config(config, parse_overrides(sets))
+    storage.configure(cfg.storage)  # before the first storage access (a story's runs share one storage)
     runs = load_story(config, sets) if story else [(cfg.run.name, sets, cfg)]
     configs = [c for _, _, c in runs]
     roots = {(c.run.root, c.storage.endpoint_url, "run.root"): None for c in configs}
@@ -227,39 +229,56 @@ def query(config: ConfigArg, images: Annotated[List[str], typer.Argument(metavar
     with _errors(debug):
         cfg, _ = _prepare(config, sets, services=False)
         from dml_core import storage
-        from dml_core.gallery.query import GalleryQuery
+        from dml_core.gallery.gallery_model import gallery_name
         from dml_core.gallery.registry import Registry
+        from dml_core.gallery.serving import ServedGallery, answer, single_threaded
         from dml_core.preflight import PreflightError
 
-        storage.use_endpoint(cfg.storage.endpoint_url)
-        storage.use_retry_seconds(cfg.storage.retry_seconds)
         missing = [x for x in images if not storage.exists(x)]
         if missing:
             raise PreflightError(f"query image(s) not found: {', '.join(missing)}")
-        gallery = cfg.backfill.gallery or cfg.data.dataset
-        result = GalleryQuery(Registry(cfg.run.root), gallery).search(images, k)
-        _print_query(gallery, images, result, as_json)
+        single_threaded()
+        served = ServedGallery(Registry(cfg.run.root), gallery_name(cfg))  # the query service's code path
+        _print_query(answer(served.gallery, served.search(images, k), images), as_json)
 
 
-def _print_query(gallery: str, images: List[str], result, as_json: bool) -> None:
-    answers = [{"image": image, "ids": result.ids[i].tolist(), "labels": result.labels[i].tolist(),
-                "distances": [round(d, 6) for d in result.distances[i].tolist()]} for i, image in enumerate(images)]
+def _print_query(found: dict, as_json: bool) -> None:
     if as_json:
-        typer.echo(json.dumps({"gallery": gallery, "query_model": result.entry.query_model.version,
-                               "results": answers}))
+        typer.echo(json.dumps(found))
         return
     from rich.table import Table
 
     console = _console()
-    console.print(f"gallery {gallery}: query model {result.entry.query_model.version}, "
-                  f"gallery model {result.entry.gallery_model.version}")
-    for answer in answers:
-        table = Table(title=answer["image"])
-        for name in ("rank", "id", "label", "distance"):
-            table.add_column(name, justify="right")
-        for rank, (i, label, d) in enumerate(zip(answer["ids"], answer["labels"], answer["distances"]), 1):
-            table.add_row(str(rank), str(i), str(label), f"{d:.4f}")
+    console.print(f"gallery {found['gallery']}: query model {found['query_model']}, "
+                  f"gallery model {found['gallery_model']}")
+    for result in found["results"]:
+        table = Table(title=result["image"])
+        for name in ("rank", "id", "label", "class", "distance"):
+            table.add_column(name, justify="left" if name == "class" else "right")
+        for rank, (i, label, name, d) in enumerate(zip(result["ids"], result["labels"], result["classes"],
+                                                       result["distances"]), 1):
+            table.add_row(str(rank), str(i), str(label), "-" if name is None else name, f"{d:.4f}")
         console.print(table)
+
+
+@app.command()
+def api(config: ConfigArg,
+        host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+        port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 8000,
+        poll: Annotated[float, typer.Option(min=0.05, help="Seconds between two reads of the registry.")] = 2.0,
+        replicas: Annotated[Optional[int], typer.Option(
+            min=1, help="Replicas of the service; default: autoscale from 1 to the cluster's CPUs.")] = None,
+        sets: Sets = None, debug: Debug = False) -> None:
+    """Serve the registry's gallery over HTTP (Ray Serve): POST /query, GET /health; the query model and index
+    are swapped together when the registry changes. Served until Ctrl-C."""
+    with _errors(debug):
+        cfg, _ = _prepare(config, sets, services=False)  # no Prefect here; Ray only
+        from dml_core.gallery.gallery_model import gallery_name
+        from tasks.preflight import check_ray_address
+        from tasks.query_api import serve_until_signal
+
+        check_ray_address(cfg.ray.address)
+        serve_until_signal(cfg, gallery_name(cfg), host, port, poll, replicas)
 
 
 @app.command()

@@ -28,5 +28,8 @@ def retrain_flow(config: str, overrides: list[str] | None = None) -> dict:
         h = transformation_task(cfg, trained["checkpoint"])
         evaluation = evaluate_step(cfg, trained["checkpoint"], old, served, h)
         update = update_task(cfg, trained["checkpoint"], evaluation["metrics"]["gate"], old, served, h)
+    if update["reasons"] is None:  # decided as the evaluation's gate did
+        return publish_task(evaluation, cfg.gate.metric, VERDICTS[update["action"]], update["backfill"],
+                            evaluation["summary"]["reasons"])
     return publish_task(evaluation, cfg.gate.metric, VERDICTS[update["action"]], update["backfill"],
-                        evaluation["summary"]["reasons"])
+                        update["reasons"], gallery_model=update["compared_with"])

@@ -17,11 +17,12 @@ from tasks.workflow import (backfill_task, evaluate_task, partial_backfill_task,
 
 
 def load(config: str, overrides: list[str] | None = None) -> Config:
-    """The config with its `--set` items. A scheduled run of a deployment (`dml serve`) trains a run of its
+    """The config with its `--set` items, its storage configured. A scheduled run of a deployment (`dml serve`) trains a run of its
     own, `run.name` plus the scheduled minute, rather than resuming the previous tick's finished run."""
     from prefect.runtime import deployment, flow_run
 
     cfg = load_config(config, parse_overrides(overrides))
+    storage.configure(cfg.storage)  # before the first storage access: the dataset version, the registry
     if deployment.id is not None and flow_run.id is not None:
         cfg.run.name = f"{cfg.run.name}-{flow_run.scheduled_start_time:%Y%m%d-%H%M}"
     return cfg

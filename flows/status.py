@@ -17,6 +17,7 @@ SUMMARY = ("evaluation", "summary.json")
 def status_tables(config: str, overrides: list[str] | None = None, limit: int = 20) -> list[Table]:
     """The registry table and the table of the `limit` most recent runs."""
     cfg = load_config(config, parse_overrides(overrides))
+    storage.configure(cfg.storage)
     return [registry_table(cfg.run.root), runs_table(cfg.run.root, limit)]
 
 

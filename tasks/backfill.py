@@ -47,6 +47,7 @@ class EmbedActor:
     def __init__(self, threads: int, use_gpu: bool) -> None:
         import torch
 
+        ray_runtime.die_with_raylet()  # a killed driver leaves no actor writing shards
         torch.set_num_threads(threads)
         self.device = "cuda" if use_gpu else "cpu"
         self.models: dict = {}
@@ -140,8 +141,7 @@ def run_backfill(cfg: Config, checkpoint: str, model_version: str, on_shard=None
     `<run.root>/galleries/<gallery>/<model_version>/` with `ray.num_workers` actors (the `pool`'s, else new
     ones), resuming what a crashed run left, then write its manifest. `on_shard(n, record)` (driver side)
     sees each finished shard."""
-    storage.use_endpoint(cfg.storage.endpoint_url)
-    storage.use_retry_seconds(cfg.storage.retry_seconds)
+    storage.configure(cfg.storage)
     bf = cfg.backfill
     manifest = Manifest.read(cfg.data_root, cfg.data.dataset, cfg.data.version)
     gallery = bf.gallery or manifest.name

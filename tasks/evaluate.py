@@ -96,8 +96,7 @@ def run_evaluation(cfg: Config, checkpoint: str, old: ModelRef | None, version: 
     gallery model; None before the gallery's first model), `served` (the registry's query model, when a
     chain serves another model than `old`) and, with a `transformation` h, the old gallery transformed by h. Returns {"dir", "files", "metrics", "summary"}; the summary's verdict is the
     gate's (what the update will do)."""
-    storage.use_endpoint(cfg.storage.endpoint_url)
-    storage.use_retry_seconds(cfg.storage.retry_seconds)
+    storage.configure(cfg.storage)
     manifest = Manifest.read(cfg.data_root, cfg.data.dataset, cfg.data.version)
     new, old_emb, served_emb = embed_models(cfg, manifest, checkpoint, old, served)
     transformed = transformed_embeddings(cfg, manifest, old_emb, transformation)

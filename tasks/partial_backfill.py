@@ -31,8 +31,7 @@ def run_partial_backfill(cfg: Config, budget: float | None = None, order: str | 
     query model in `order` (default `backfill.order`), `backfill.step_fraction` per index swap, with
     `ray.num_workers` actors (the `pool`'s, else new ones); resumes what a killed run left.
     `on_step(k, fraction)` (driver side) sees each step registered. Returns the summary of the steps."""
-    storage.use_endpoint(cfg.storage.endpoint_url)
-    storage.use_retry_seconds(cfg.storage.retry_seconds)
+    storage.configure(cfg.storage)
     bf, name = cfg.backfill, gallery_name(cfg)
     registry = Registry(cfg.run.root, check_index=check_index)
     entry = _transformed_entry(registry, name)

@@ -49,10 +49,13 @@ def plot_link(url: str) -> str:
     return "file://" + storage.local_path(url) if storage.is_local(url) else url
 
 
-def publish(evaluation: dict, gate_metric: str, verdict: str, backfill: bool, reasons: list[str]) -> dict:
-    """Write the final summary row to the evaluation's `summary.json` and publish the artifacts; returns the row."""
+def publish(evaluation: dict, gate_metric: str, verdict: str, backfill: bool, reasons: list[str],
+            gallery_model: str | None = None) -> dict:
+    """Write the final summary row to the evaluation's `summary.json` and publish the artifacts; returns the row.
+    `gallery_model`: the one the gate compared with, when not the evaluation's (gated again at the update)."""
     m = evaluation["metrics"]
-    row = summary_row(m["run"], m["model_version"], m["gallery_model"], m, gate_metric, verdict, backfill, reasons)
+    row = summary_row(m["run"], m["model_version"], gallery_model or m["gallery_model"], m, gate_metric, verdict,
+                      backfill, reasons)
     write_json(evaluation["files"]["summary"], row)
     run = row["run"]
     create_table_artifact(metric_rows(m), key=artifact_key(run, "metrics"),

@@ -14,6 +14,7 @@ import threading
 import ray
 
 from dml_core import retry
+from dml_core.child_process import die_with_parent
 from dml_core.config import RAY_TEMP_DIR_MAX_LEN as MAX_TEMP_DIR_LEN
 from dml_core.config import Config
 
@@ -41,6 +42,9 @@ DEFAULT_ENV = {
     "RAY_worker_niceness": "0",
     # every worker here runs torch: import it (1-2 s) while the worker idles, not when a task or actor starts
     "RAY_preload_python_modules": "torch",
+    # Ray 2.60 gives each worker a process group of its own; kept in the driver's, every process of a local Ray
+    # gets a signal to the group (a killed `dml` command) at once, instead of workers running on without a raylet
+    "RAY_process_group_cleanup_enabled": "0",
 }
 
 
@@ -159,6 +163,18 @@ def _drop_harmless_worker_logs() -> None:
 
     dispatcher.remove_handler("ray_print_logs")
     dispatcher.add_handler("ray_print_logs", filtered)
+
+
+def die_with_raylet() -> None:
+    """In a Ray worker (Linux): be killed with the raylet that started it. A local raylet dies with its driver
+    (Ray's fate sharing), and Ray's own check lets a busy worker run on for seconds, writing results of a run
+    that is gone; a cluster's workers already end with their job. No-op where the raylet is not the parent."""
+    raylet = int(os.environ.get("RAY_RAYLET_PID", "0"))
+    if os.getppid() != raylet:
+        return
+    die_with_parent(signal.SIGKILL)
+    if os.getppid() != raylet:  # it died before the line above
+        os._exit(1)
 
 
 def quiet_worker_logging() -> None:

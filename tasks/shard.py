@@ -47,8 +47,7 @@ def with_version(cfg: Config, version: str | None = None) -> Config:
 def run_shard(cfg: Config) -> dict:
     """Shard `data.source` (idempotent): {"dataset", "version", "url", "fingerprint", "resharded"}, where
     `resharded` says whether any sample was written (False: the dataset was already there)."""
-    storage.use_endpoint(cfg.storage.endpoint_url)
-    storage.use_retry_seconds(cfg.storage.retry_seconds)
+    storage.configure(cfg.storage)
     written = []
     sh = cfg.data.sharding
     manifest = shard_dataset(build_source(cfg.data.source), cfg.data_root, cfg.data.dataset, seed=sh.seed,

@@ -85,8 +85,7 @@ def _tune_trial(params: dict, configs: dict) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     cfg = config_from_dict(configs[params["trial"]])
-    storage.use_endpoint(cfg.storage.endpoint_url)
-    storage.use_retry_seconds(cfg.storage.retry_seconds)
+    storage.configure(cfg.storage)
     report = run_trial(cfg, callbacks=[TuneReportCallback()])
     tune.report({**(report.get("retrieval") or {}), "opis": report["opis"]["opis"],
                  "eps_opis": report["opis"]["eps_opis"], "done": True})
@@ -106,8 +105,7 @@ def run_sweep(config: str, grid_items: list[str], seeds: int = 1, sets: list[str
               name: str | None = None) -> SweepResult:
     """Run every unfinished trial of the grid on Ray Tune, then write the table of all finished trials."""
     base, trials = plan(config, grid_items, seeds, sets)
-    storage.use_endpoint(base.storage.endpoint_url)
-    storage.use_retry_seconds(base.storage.retry_seconds)
+    storage.configure(base.storage)
     name = name or base.run.name
     url = storage.join(base.run.root, SWEEPS, name)
     pending = [(t, c) for t, c in trials if not storage.exists(report_url(c))]

@@ -19,6 +19,7 @@ import ray.train
 from dml_core import storage
 from dml_core.config import Config, ConfigError, config_from_dict
 from dml_core.data.manifest import ManifestError
+from dml_core.models.checkpoint import CheckpointError
 from dml_core.training.lease import LEASE, LeaseLostError, RunLease
 from dml_core.training.loop import Worker, fit
 from dml_core.training.preflight import preflight
@@ -30,7 +31,7 @@ from tasks import ray_runtime
 
 # Errors a restart cannot fix (bad config or data, a diverged loss): Ray restarts the worker group for any
 # error, so the first one is recorded on storage and the restarted group stops at once instead of training.
-RECURRING_ERRORS = (ConfigError, ManifestError, FloatingPointError)
+RECURRING_ERRORS = (ConfigError, ManifestError, FloatingPointError, CheckpointError)
 RECURRING_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)  # a full or read-only disk stays so
 
 
@@ -67,7 +68,8 @@ class TrainingResult:
 
     @property
     def skipped(self) -> dict[str, int]:
-        """Shard reads and samples skipped by `data.on_error: skip`, over all workers and restarts."""
+        """Shard reads and samples skipped by `data.on_error: skip` (and the samples of those reads trained on
+        before the error), over all workers and restarts."""
         return {k: int(self.final.get(k, 0)) for k in SKIPPED_KEYS}
 
 
@@ -126,8 +128,8 @@ def worker_context(cfg: Config, loop_config: dict) -> Worker:
 
     gc.freeze()  # Ray's many long-lived objects stay out of the collections each training step triggers
     ray_runtime.quiet_worker_logging()
-    storage.use_endpoint(cfg.storage.endpoint_url)
-    storage.use_retry_seconds(cfg.storage.retry_seconds)
+    ray_runtime.die_with_raylet()  # a killed driver leaves no worker training
+    storage.configure(cfg.storage)
     torch.set_num_threads(max(1, int(cfg.ray.resources_per_worker.get("CPU", 1))))
     ctx = ray.train.get_context()
     return Worker(rank=ctx.get_world_rank(), world_size=ctx.get_world_size(), device=ray.train.torch.get_device(),
@@ -166,8 +168,7 @@ def run_training(cfg: Config, on_step: Callable[[int, int], None] | None = None,
     is held from before Ray starts to the end: a second driver on the same run is refused. `callbacks`
     (`ray.train.UserCallback`s) go to the trainer, e.g. Tune's report callback when a sweep runs the trainer.
     """
-    storage.use_endpoint(cfg.storage.endpoint_url)
-    storage.use_retry_seconds(cfg.storage.retry_seconds)
+    storage.configure(cfg.storage)
     manifest = preflight(cfg)
     with RunLease.acquire(cfg.run_dir, cfg.run.lease_seconds) as lease:  # one writer: refused if held
         if cfg.run.fresh_start:
@@ -193,6 +194,7 @@ def _train(cfg: Config, manifest, on_step, callbacks=None) -> TrainingResult:
                          metrics=checkpoint_metrics(checkpoint) if checkpoint else {}, final=final,
                          ray_result=result)
     if any(out.skipped.values()):
-        print(f"[train] data.on_error=skip: the run skipped {out.skipped['skipped_shards']} shard read(s) and "
+        print(f"[train] data.on_error=skip: the run skipped {out.skipped['skipped_shards']} shard read(s) (after "
+              f"{out.skipped['samples_from_skipped_shards']} of their samples were read and trained on) and "
               f"{out.skipped['skipped_samples']} sample(s); the messages are in {run}/metrics.jsonl", flush=True)
     return out

@@ -76,8 +76,7 @@ def run_transformation_training(cfg: Config, checkpoint: str, entry: GalleryEntr
     if entry.transformation is not None:
         raise ConfigError(f"the gallery is already a transformed one (by {entry.transformation.version}); chains "
                           f"of transformations are not built: backfill it fully first")
-    storage.use_endpoint(cfg.storage.endpoint_url)
-    storage.use_retry_seconds(cfg.storage.retry_seconds)
+    storage.configure(cfg.storage)
     manifest = Manifest.read(cfg.data_root, cfg.data.dataset, cfg.data.version)
     old, side = entry.gallery_model, gallery_side_info(entry)
     out = transformation_dir(cfg, old)

@@ -50,8 +50,7 @@ def run_update(cfg: Config, checkpoint: str, version: str | None = None, on_shar
     `decide(current entry or None)` replaces the gate on the evaluation split (`gate_decision`) where the
     caller already has a decision. `on_backfill("started" | "finished", model)` brackets a backfill.
     `transformation` (h) lets the gate choose the gallery transformed by h."""
-    storage.use_endpoint(cfg.storage.endpoint_url)
-    storage.use_retry_seconds(cfg.storage.retry_seconds)
+    storage.configure(cfg.storage)
     manifest = Manifest.read(cfg.data_root, cfg.data.dataset, cfg.data.version)
     registry = Registry(cfg.run.root, check_index=check_index)
     model = ModelRef(version or cfg.run.name, checkpoint)

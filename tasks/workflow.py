@@ -23,11 +23,14 @@ from tasks import evaluate, events, publish, shard
 
 def would_recur(task, task_run, state) -> bool:
     """Prefect's retry condition: retry a failed stage unless its error would come back (a bad config or
-    dataset, a full disk, a training run stopped for such an error, a run another driver holds)."""
+    dataset, a checkpoint file that does not load, a full disk, a training run stopped for such an error, a run
+    another driver holds)."""
+    from dml_core.models.checkpoint import CheckpointError
     from dml_core.training.lease import LeaseHeldError
     from tasks.train import TrainingError
 
-    return not isinstance(state.data, (ConfigError, ManifestError, StorageFullError, TrainingError, LeaseHeldError))
+    return not isinstance(state.data, (ConfigError, ManifestError, CheckpointError, StorageFullError, TrainingError,
+                                       LeaseHeldError))
 
 
 IO_RETRIES = {"retries": 2, "retry_delay_seconds": exponential_backoff(backoff_factor=5),
@@ -93,7 +96,7 @@ def _update(cfg: Config, checkpoint: str, gate: dict, old: ModelRef | None, serv
     change."""
     from tasks.update import run_update
 
-    gallery = gallery_name(cfg)
+    gallery, regated = gallery_name(cfg), []
 
     def decide(current: GalleryEntry | None) -> GateDecision:
         now = (None, None) if current is None else (current.gallery_model, current.query_model)
@@ -102,8 +105,9 @@ def _update(cfg: Config, checkpoint: str, gate: dict, old: ModelRef | None, serv
         from dml_core.data.manifest import Manifest
         from tasks.update import gate_decision
 
-        print(f"[update] gallery {gallery}: the registry now serves {now}, not the {(old, served)} the evaluation "
-              f"compared with (another run changed it): the gate decides again against what is served", flush=True)
+        regated.append(f"another run changed the registry while this one was evaluated: gated again against "
+                       f"gallery model {now[0] and now[0].version}, query model {now[1] and now[1].version}")
+        print(f"[update] gallery {gallery}: {regated[-1]}", flush=True)
         manifest = Manifest.read(cfg.data_root, cfg.data.dataset, cfg.data.version)
         return gate_decision(cfg, manifest, current, checkpoint, transformation if now[0] == old else None)
 
@@ -117,7 +121,10 @@ def _update(cfg: Config, checkpoint: str, gate: dict, old: ModelRef | None, serv
         entry = Registry(cfg.run.root).gallery(gallery)
     return {"gallery": gallery, "action": result.action, "backfill": result.backfilled,
             "gallery_model": entry and entry.gallery_model.version, "query_model": entry and entry.query_model.version,
-            "index": entry and entry.index, "reembedded": entry and entry.reembedded}
+            "index": entry and entry.index, "reembedded": entry and entry.reembedded,
+            # when gated again: what against and why (the evaluation's own reasons are about what it compared with)
+            "compared_with": result.old_model and result.old_model.version,
+            "reasons": [regated[-1], *result.decision.reasons()] if regated else None}
 
 
 def _backfill(cfg: Config, checkpoint: str) -> dict:

@@ -87,18 +87,21 @@ def iter_shard(url: str, endpoint_url: str | None = None, expected: int | None =
 
 @dataclass
 class ErrorLog:
-    """Errors skipped by `on_error="skip"`: counted and kept (URL + message), never silent."""
+    """Errors skipped by `on_error="skip"`: counted and kept (URL + message), never silent. `kept`: samples of
+    the skipped shard reads yielded before their error was found (a short shard is found at its end)."""
 
     shards: list[str] = field(default_factory=list)
     samples: list[str] = field(default_factory=list)
+    kept: int = 0
 
     def extend(self, other: "ErrorLog") -> None:
         self.shards += other.shards
         self.samples += other.samples
+        self.kept += other.kept
 
     def take(self) -> "ErrorLog":
-        out = ErrorLog(self.shards, self.samples)
-        self.shards, self.samples = [], []
+        out = ErrorLog(self.shards, self.samples, self.kept)
+        self.shards, self.samples, self.kept = [], [], 0
         return out
 
 
@@ -107,20 +110,23 @@ def iter_samples(urls: Iterable[str], on_error: str = "raise", errors: ErrorLog 
                  counts: dict[str, int] | None = None) -> Iterator[dict]:
     """Raw samples of the shards in order, each checked against its manifest count in `counts` (by URL).
     With `on_error="skip"` a bad shard is logged, counted in `errors.shards` and the stream moves on;
-    samples read from it before the error are kept."""
+    samples read from it before the error are kept, and their number is in the message and `errors.kept`."""
     check_on_error(on_error)
     failures = 0
     for url in urls:
+        read = 0
         try:
             for sample in iter_shard(url, endpoint_url, counts.get(url) if counts else None):
-                failures = 0
+                failures, read = 0, read + 1
                 yield sample
         except ShardReadError as exn:
             if on_error == "raise":
                 raise
-            log.warning("skipping shard: %s", exn)
+            message = f"{exn}; the {read} sample(s) read from it before were kept"
+            log.warning("skipping shard: %s", message)
             if errors is not None:
-                errors.shards.append(str(exn))
+                errors.shards.append(message)
+                errors.kept += read
             failures += 1
             if failures >= max_consecutive_failures:
                 raise RuntimeError(f"{failures} shards in a row failed; last: {exn}") from exn

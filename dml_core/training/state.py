@@ -2,7 +2,8 @@
 `state.pt` (optimizer, LR schedule, loss buffers such as the decomposable `zbar`, step, config) and
 `metrics.json` (the checkpoint's metrics, read by pruning). Each file is written atomically, the metrics last.
 
-Only tensors and plain Python values are saved, so loading uses `torch.load(weights_only=True)`.
+Only tensors and plain Python values are saved, so loading uses `torch.load(weights_only=True)` (through
+`models.checkpoint.read_checkpoint`, whose errors name the file).
 """
 from __future__ import annotations
 
@@ -82,12 +83,14 @@ def save_state(directory: str, model: nn.Module, optimizer: torch.optim.Optimize
 def load_state(directory: str) -> dict:
     """Read both files of a checkpoint directory (local path or storage URL); the model entry is the
     {spec, state_dict} dict."""
+    from dml_core.models.checkpoint import read_checkpoint
+
     out = {}
     for key, name in (("model", MODEL_FILE), ("state", STATE_FILE)):
         url = storage.join(directory, name)
         if not storage.exists(url):
             raise FileNotFoundError(f"checkpoint {directory} has no {name}")
-        out[key] = torch.load(io.BytesIO(storage.read_bytes(url)), map_location="cpu", weights_only=True)
+        out[key] = read_checkpoint(url)
     return {"model": out["model"], **out["state"]}
 
 

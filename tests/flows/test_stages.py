@@ -37,6 +37,7 @@ def test_an_error_that_would_recur_is_not_retried(prefect_api, tmp_path):
 def test_the_errors_that_recur_are_the_ones_not_retried():
     from types import SimpleNamespace
 
+    from dml_core.models.checkpoint import CheckpointError
     from dml_core.training.lease import LeaseHeldError
     from tasks.workflow import would_recur
 
@@ -44,4 +45,5 @@ def test_the_errors_that_recur_are_the_ones_not_retried():
         return not would_recur(None, None, SimpleNamespace(data=error))
 
     assert recurs(LeaseHeldError("held by another driver")) and recurs(ConfigError("bad"))
+    assert recurs(CheckpointError("checkpoint model.pt is truncated or not a checkpoint"))
     assert not recurs(OSError("connection reset"))

@@ -95,7 +95,7 @@ def test_a_pool_kept_between_backfills_embeds_with_each_calls_checkpoint(gallery
             torch.testing.assert_close(got.z, want.z, rtol=1e-5, atol=1e-6)
 
 
-def _driver_script(raw: dict, checkpoint: str, version: str, kill_after: int) -> str:
+def _driver_script(raw: dict, checkpoint: str, version: str, kill_after: int | None = None) -> str:
     return textwrap.dedent(f"""
         import os, signal, sys
         sys.path.insert(0, {REPO!r})
@@ -142,6 +142,43 @@ def test_killed_driver_resumes_without_recomputing(gallery_setup, tmp_path):
     got = load_gallery(result.url)
     assert got.ids.tolist() == reference.ids.tolist()
     assert torch.equal(got.z, reference.z)
+
+
+def test_a_killed_driver_group_leaves_no_process_and_no_later_record(gallery_setup, tmp_path):
+    """SIGKILL of the driver's process group (a killed `dml backfill`) while its actors embed: it reaches every
+    process of its Ray, none outlives it and no shard record appears after it (issue 23: two actors, each in a
+    group of its own, lived on with parent pid 1 and wrote 4 more records)."""
+    raw, manifest, checkpoint = gallery_setup
+    if not storage.is_local(raw["run"]["root"]):
+        pytest.skip("what outlives a driver does not depend on the storage: the local run covers it")
+    script = tmp_path / "driver.py"
+    script.write_text(_driver_script(raw, checkpoint, "group-killed"))
+    token, log = uuid.uuid4().hex, tmp_path / "driver.log"  # the token is in the environment of all its Ray
+    with open(log, "wb") as f:
+        proc = subprocess.Popen([sys.executable, str(script)], env={**os.environ, "DML_TEST_DRIVER": token},
+                                stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    out = storage.join(raw["run"]["root"], "galleries", manifest.name, "group-killed")
+    while not (storage.exists(out) and _records(out)):  # the first shard is done: the actors are embedding
+        assert proc.poll() is None, log.read_text()[-2000:]
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    at_kill = sorted(r["index"] for r in _records(out))
+    assert len(at_kill) < 8, "the backfill ended before the kill: nothing was left to write"
+    missed = [pid for pid in _pids_with(f"DML_TEST_DRIVER={token}", "environ") if _group(pid) not in (None, proc.pid)]
+    assert not missed, f"processes {missed} of the driver's Ray were outside its group: the kill missed them"
+    deadline = time.monotonic() + 30
+    while pids := _pids_with(f"DML_TEST_DRIVER={token}", "environ"):
+        assert time.monotonic() < deadline, f"processes {pids} of the killed driver's Ray outlive it"
+        time.sleep(0.1)
+    assert sorted(r["index"] for r in _records(out)) == at_kill
+
+
+def _group(pid: int) -> int | None:
+    """The process group of `pid`, None once it is gone."""
+    with contextlib.suppress(ProcessLookupError):
+        return os.getpgid(pid)
+    return None
 
 
 def _pids_with(fragment: str, where: str = "cmdline") -> list[int]:

@@ -71,3 +71,32 @@ def test_the_default_ray_temp_dir_is_short_stable_and_outside_the_run_root(tmp_p
     assert os.path.dirname(ray_temp_dir(cfg, cfg.run_dir)) == "/tmp"  # a long temp dir falls back to /tmp
     cfg.ray.temp_dir = str(tmp_path / "mine")
     assert ray_temp_dir(cfg, cfg.run_dir) == cfg.ray.temp_dir
+
+
+def test_a_worker_dies_with_the_raylet_that_started_it():
+    """`die_with_raylet` in a worker: a SIGKILL of its raylet (a local driver's death brings one) kills it at once,
+    where Ray's own check lets a busy worker run on for seconds. Here a plain process stands in for the raylet."""
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    worker = "import os; from tasks.ray_runtime import die_with_raylet; die_with_raylet(); print(os.getpid(), flush=True)"
+    worker += "; import time; time.sleep(600)"
+    raylet = subprocess.Popen(  # starts the worker with RAY_RAYLET_PID set, as a raylet does, and keeps no stdout
+        [sys.executable, "-c", "import os, subprocess, sys, time; subprocess.Popen([sys.executable, '-c', sys.argv[1]], "
+         "env={**os.environ, 'RAY_RAYLET_PID': str(os.getpid())}); os.close(1); time.sleep(600)", worker],
+        stdout=subprocess.PIPE, text=True, start_new_session=True)
+    line = raylet.stdout.readline()  # the worker's pid once its death signal is set (empty if it failed)
+    child = psutil.Process(int(line))
+    try:
+        raylet.kill()
+        raylet.wait()
+        deadline = time.monotonic() + 10
+        while child.is_running() and child.status() != psutil.STATUS_ZOMBIE:  # nobody reaps it here
+            assert time.monotonic() < deadline, "the worker outlived its raylet"
+            time.sleep(0.05)
+    finally:
+        if child.is_running():
+            child.kill()

@@ -36,7 +36,9 @@ def test_skip_trains_through_and_counts_over_both_workers(tmp_path, short_shard,
     assert result.metrics["skipped_shards"] == result.skipped["skipped_shards"]
     out = capsys.readouterr().out
     assert f"{short_shard['bad']} has " in out  # the pre-flight named it
-    assert (f"data.on_error=skip: the run skipped {result.skipped['skipped_shards']} shard read(s) and 0 "
+    assert result.skipped["samples_from_skipped_shards"] == 27 * result.skipped["skipped_shards"]  # its 27 each
+    assert (f"data.on_error=skip: the run skipped {result.skipped['skipped_shards']} shard read(s) (after "
+            f"{result.skipped['samples_from_skipped_shards']} of their samples were read and trained on) and 0 "
             f"sample(s); the messages are in {cfg.run_dir}/metrics.jsonl") in out
     records = [r for r in read_metrics(f"{cfg.run_dir}/metrics.jsonl") if r.get("event") == "skipped"]
     assert records[-1]["skipped_shards"] == result.skipped["skipped_shards"]

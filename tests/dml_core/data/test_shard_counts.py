@@ -8,7 +8,7 @@ import pytest
 from dml_core import storage
 from dml_core.data.eval_reader import EvalReader
 from dml_core.data.manifest import Manifest
-from dml_core.data.shard_stream import ShardReadError
+from dml_core.data.shard_stream import ShardReadError, iter_samples
 from dml_core.data.train_reader import TrainReader
 from tests.dml_core.data._shards import append_sample, cut_at_sample, make_sample, write_dataset
 
@@ -97,5 +97,20 @@ def test_skip_mode_training_runs_through_and_counts_every_skipped_read(tmp_path,
     m, _ = _dataset(tmp_path, store, _cut("train", 3))
     reader, batches = _train(m, on_error="skip")
     assert len(batches) == 30
-    assert reader.errors.shards and all(f"{m.url}/train-000001.tar: it holds 3 samples, the manifest says 16"
+    assert reader.errors.shards and all(f"{m.url}/train-000001.tar: it holds 3 samples, the manifest says 16 "
+                                        "(truncated?); the 3 sample(s) read from it before were kept"
                                         in e for e in reader.errors.shards)
+    assert reader.errors.kept == 3 * len(reader.errors.shards)  # each read of it trained on its 3 samples
+
+
+def test_skip_mode_counts_the_samples_read_from_a_short_shard_as_the_reader_yields_them(tmp_path, store):
+    """A short shard is found at its end, after its samples were yielded: the count of them kept (in the
+    message and `errors.kept`) is the number of its samples in the batches."""
+    m, _ = _dataset(tmp_path, store, _cut("eval", 2))
+    bad = f"{m.url}/eval-000001.tar"
+    in_bad = {int(s["__key__"]) for s in iter_samples([bad])}  # what the cut shard holds
+    reader, batches = _eval(m, on_error="skip")
+    yielded = sum(int(i) in in_bad for b in batches for i in b.ids)
+    assert yielded == reader.errors.kept == len(in_bad) == 2
+    assert reader.errors.shards == [f"failed reading shard {bad}: it holds 2 samples, the manifest says "
+                                    f"{EVAL_PER_SHARD} (truncated?); the 2 sample(s) read from it before were kept"]

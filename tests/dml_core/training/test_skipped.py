@@ -1,6 +1,7 @@
 """`fit` with data.on_error: skip on a short training shard: it trains through, and the skipped shard reads
-are counted in metrics.jsonl (naming the shard), in fit's result and on the console, and carried across a
-resume; with raise (the default) the same shard stops training naming it."""
+(and the samples read from them before the shard was found short) are counted in metrics.jsonl (naming the
+shard), in fit's result and on the console, and carried across a resume; with raise (the default) the same
+shard stops training naming it."""
 import os
 import shutil
 
@@ -39,15 +40,19 @@ def test_skip_counts_in_metrics_result_and_console_and_across_a_resume(tmp_path,
     cfg = _cfg(tmp_path, short_shard, 6, "skip")
     first = fit(cfg, short_shard["manifest"], Worker(report=keep_checkpoints(cfg.run_dir, [])))
     assert first["step"] == 6 and first["skipped_shards"] >= 1 and first["skipped_samples"] == 0
+    assert first["samples_from_skipped_shards"] == 27 * first["skipped_shards"]  # each read trained on its 27
     records = [r for r in read_metrics(os.path.join(cfg.run_dir, "metrics.jsonl")) if r.get("event") == "skipped"]
     assert records and records[-1]["skipped_shards"] == first["skipped_shards"]
-    expected = f"{short_shard['bad']}: it holds 27 samples, the manifest says {short_shard['count']}"
+    assert records[-1]["samples_from_skipped_shards"] == first["samples_from_skipped_shards"]
+    expected = (f"{short_shard['bad']}: it holds 27 samples, the manifest says {short_shard['count']} (truncated?); "
+                "the 27 sample(s) read from it before were kept")
     assert all(expected in msg for r in records for msg in r["shards"])
-    assert "data.on_error=skip: " in capsys.readouterr().out
+    assert "of their samples were read and trained on" in capsys.readouterr().out
 
     second = fit(_cfg(tmp_path, short_shard, 9, "skip"), short_shard["manifest"],
                  Worker(report=keep_checkpoints(cfg.run_dir, [])))
     assert second["start_step"] == 6 and second["skipped_shards"] > first["skipped_shards"]
+    assert second["samples_from_skipped_shards"] == 27 * second["skipped_shards"]  # carried across the resume
 
 
 def test_raise_stops_training_naming_the_shard(tmp_path, short_shard):
