@@ -16,7 +16,8 @@ import yaml
 
 from dml_core import yaml12
 
-BASE_LOSSES = ("info_nce", "decomposable")
+PROXY_LOSSES = ("arcface", "cosface", "proxy_anchor")  # base losses over learnable class proxies (METHODS 2.1)
+BASE_LOSSES = ("info_nce", "decomposable", *PROXY_LOSSES)
 RAY_TEMP_DIR_MAX_LEN = 40  # Unix socket paths hold ~107 bytes; Ray appends about 60 to its temp dir
 OBJECTIVES = ("supervised", "self_supervised")
 # loss.bct.old_checkpoint and train.init_checkpoint: the registry's gallery model (resolved by the flows)
@@ -111,13 +112,21 @@ class PCSection:
 
 @dataclass
 class LossSection:
-    base: str = "info_nce"  # info_nce (METHODS.md 1.1) or decomposable (1.5)
+    # info_nce (METHODS.md 1.1), decomposable (1.5), or a loss over class proxies (2.1): arcface, cosface,
+    # proxy_anchor (supervised objective only)
+    base: str = "info_nce"
     objective: str = "supervised"  # supervised (labels, P x K batches) or self_supervised (two views per image)
-    tau: float = 0.1  # temperature of the base loss
+    tau: float = 0.1  # temperature of the base loss (info_nce, decomposable)
     tile_size: int = 1024  # rows per tile of the tiled loss (METHODS.md 1.3)
     tiled_above: int = 8192  # global batches larger than this use the tiled loss
     gamma: float = 0.1  # decomposable only: E-step rate; 0.1 was best in benchmarks/decomposable_bias.py
     gamma_shape: Optional[float] = None  # decomposable only; None = deterministic u
+    s: float = 64.0  # arcface / cosface only: scale of the logits
+    # arcface / cosface only: margin (arcface: an angle in radians); None: METHODS.md's default,
+    m: Optional[float] = None  # 0.5 for arcface, 0.35 for cosface
+    alpha: float = 32.0  # proxy_anchor only: scale
+    delta: float = 0.1  # proxy_anchor only: margin
+    proxy_lr_mult: float = 100.0  # arcface / cosface / proxy_anchor: the class proxies learn at train.lr times this
     tcm: Optional[TCMSection] = None  # the TCM regulariser (METHODS.md 2); off when absent
     bct: Optional[BCTSection] = None  # backward-compatible training (METHODS.md 3); off when absent
     pc: Optional[PCSection] = None  # positive-congruent distillation (METHODS.md 3.1); needs loss.bct

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from dml_core.config import BASE_LOSSES, OBJECTIVES, RAY_TEMP_DIR_MAX_LEN, Config, ConfigError, RunItem
+from dml_core.config import BASE_LOSSES, OBJECTIVES, PROXY_LOSSES, RAY_TEMP_DIR_MAX_LEN, Config, ConfigError, RunItem
 from dml_core.data.layout import SPLITS
 def validate(cfg: Config, source: str = "config") -> None:
     """Value checks that types alone cannot express; raises `ConfigError` naming the field."""
@@ -49,6 +49,8 @@ def validate(cfg: Config, source: str = "config") -> None:
         bad("data.k", "must be >= 2 for the supervised objective (each anchor needs a positive)")
     if cfg.loss.bct is not None and cfg.loss.objective != "supervised":
         bad("loss.bct", "needs loss.objective: supervised (class labels are the BCT targets)")
+    if cfg.loss.base in PROXY_LOSSES:
+        _check_proxy_loss(cfg, bad)
     if cfg.loss.tcm is not None:
         from dml_core.losses import tcm
 
@@ -124,6 +126,26 @@ def _check_pc(cfg: Config, bad) -> None:
     if p.old_embeddings == "precomputed" and cfg.data.augment:
         bad("loss.pc.old_embeddings", "precomputed embeds the un-augmented images, but data.augment is on: "
                                       "set on_the_fly (or auto)")
+
+
+def _check_proxy_loss(cfg: Config, bad) -> None:
+    """The proxy-based base losses (METHODS.md 2.1): one proxy per class, so class labels; their parameters."""
+    from dml_core.losses import arcface, proxy_anchor
+
+    lc = cfg.loss
+    if lc.objective != "supervised":
+        bad("loss.base", f"{lc.base} needs loss.objective: supervised (one proxy per class label), "
+                         f"got {lc.objective!r}")
+    if lc.proxy_lr_mult < 0:
+        bad("loss.proxy_lr_mult", f"must be >= 0 (0: fixed proxies), got {lc.proxy_lr_mult}")
+    if lc.base == "proxy_anchor":  # one parameter per call, so that the error names its field
+        _term_check("loss.alpha", lambda: proxy_anchor.check_params(lc.alpha, 0.0), bad)
+        _term_check("loss.delta", lambda: proxy_anchor.check_params(1.0, lc.delta), bad)
+        return
+    angular, owner = lc.base == "arcface", {"arcface": "ArcFace", "cosface": "CosFace"}[lc.base]
+    _term_check("loss.s", lambda: arcface.check_params(lc.s, 0.0, angular, owner), bad)
+    if lc.m is not None:  # None: the loss's own default
+        _term_check("loss.m", lambda: arcface.check_params(1.0, lc.m, angular, owner), bad)
 
 
 def _check_data_source(cfg: Config, bad) -> None:

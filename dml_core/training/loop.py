@@ -4,7 +4,9 @@
 the process group and says who this worker is with a `Worker`; `Worker.report` is told of each checkpoint.
 Rank 0 writes checkpoints straight to `<run dir>/checkpoints/` (each file atomically) and prunes them to
 `train.keep_best`. They hold the model, optimizer, LR schedule, the loss's state (such as the decomposable
-`zbar`) and the step; a restarted or re-run worker group resumes from the newest complete one on storage.
+`zbar` or the class proxies) and the step; a restarted or re-run worker group resumes from the newest
+complete one on storage. The loss's own parameters (proxies) are not in the model's DDP: their gradients
+are averaged over ranks after each backward (`average_loss_grads`), so every rank keeps the same ones.
 """
 from __future__ import annotations
 
@@ -16,11 +18,13 @@ import torch
 import torch.distributed as dist
 
 from dml_core import storage
+from dml_core.config import PROXY_LOSSES
 from dml_core.distributed import average_loss_grads
 from dml_core.losses import DistributedLoss
 from dml_core.models.checkpoint import read_checkpoint
 from dml_core.training.batches import training_batches
-from dml_core.training.build import build_loss, build_model_from_config, build_optimizer, build_schedule
+from dml_core.training.build import (build_loss, build_model_from_config, build_optimizer, build_schedule,
+                                     num_proxy_classes)
 from dml_core.training.embed import model_url
 from dml_core.training.metrics_log import MetricsLog
 from dml_core.training.pc import old_model_inputs
@@ -61,7 +65,8 @@ def fit(cfg: "Config", manifest: "Manifest", worker: Worker) -> dict:
     torch.manual_seed(cfg.train.seed)
     model = build_model_from_config(cfg).to(device)
     old = old_model_inputs(cfg, manifest, rank, world, device)  # BCT's prototypes, PC's old embeddings
-    loss = build_loss(cfg, manifest.num_ids, old.prototypes, old.embeddings).to(device)
+    num_classes = num_proxy_classes(cfg, manifest) if cfg.loss.base in PROXY_LOSSES else None
+    loss = build_loss(cfg, manifest.num_ids, old.prototypes, old.embeddings, num_classes).to(device)
     optimizer = build_optimizer(cfg, model, loss)
     scheduler = build_schedule(cfg, optimizer)
     resumed = resume_state(cfg.run_dir, rank, world)

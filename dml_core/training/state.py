@@ -144,15 +144,47 @@ def prune_checkpoints(checkpoints_url: str, keep_best: int) -> list[str]:
 
 def restore_state(state: dict, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
                   scheduler: Any | None = None, loss: nn.Module | None = None) -> int:
-    """Load everything saved by `save_state` into live objects (strict); returns the step to resume at."""
+    """Load everything saved by `save_state` into live objects (strict); returns the step to resume at.
+
+    One exception: the loss's parameters a checkpoint predates (class proxies, METHODS.md 2.1, resuming a run
+    of another loss under `run.allow_config_change`) keep their initial values, in an optimizer group of
+    their own that starts without state at the schedule's current step.
+    """
     unwrap(model).load_state_dict(state["model"]["state_dict"])
     if optimizer is not None and state.get("optimizer") is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        optimizer.load_state_dict(_with_new_groups(state["optimizer"], optimizer))
     if scheduler is not None and state.get("scheduler") is not None:
         scheduler.load_state_dict(state["scheduler"])
+        _schedule_new_groups(scheduler)
     if loss is not None and state.get("loss") is not None:
         device = next((b.device for b in loss.buffers()), None)
-        loss.load_state_dict(state["loss"])
+        loss.load_state_dict(_with_new_parameters(state["loss"], loss))
         if device is not None:
             loss.to(device)
     return int(state["step"])
+
+
+def _with_new_parameters(saved: dict, loss: nn.Module) -> dict:
+    """The saved loss state, with the current value of each loss parameter it lacks (see `restore_state`)."""
+    new = {name: p.detach() for name, p in loss.named_parameters() if name not in saved}
+    if new:
+        log.warning("the checkpoint has no %s of the loss: initial values used", ", ".join(new))
+    return {**saved, **new}
+
+
+def _with_new_groups(saved: dict, optimizer: torch.optim.Optimizer) -> dict:
+    """The saved optimizer state, with the optimizer's param groups past the saved ones added, stateless."""
+    groups, current = saved["param_groups"], optimizer.state_dict()["param_groups"]
+    index = 1 + max((i for g in groups for i in g["params"]), default=-1)
+    for group in current[len(groups):]:
+        groups = groups + [{**group, "params": list(range(index, index + len(group["params"])))}]
+        index += len(group["params"])
+    return {**saved, "param_groups": groups}
+
+
+def _schedule_new_groups(scheduler: Any) -> None:
+    """A LambdaLR restored from a checkpoint with fewer param groups schedules the added ones too, from now."""
+    groups = scheduler.optimizer.param_groups
+    for i in range(len(scheduler.base_lrs), len(groups)):
+        scheduler.base_lrs.append(groups[i]["initial_lr"])
+        groups[i]["lr"] = groups[i]["initial_lr"] * scheduler.lr_lambdas[i](scheduler.last_epoch)

@@ -71,10 +71,13 @@ def _at(step: int | None) -> str:
 
 def nan_suspects(cfg: "Config") -> str:
     """The config values that most often make the loss non-finite, with their values, for that error."""
-    temperatures = [f"loss.tau={cfg.loss.tau:g}"]
-    if cfg.loss.bct is not None:
-        temperatures.append(f"loss.bct.tau_bct={cfg.loss.bct.tau_bct:g}")
-    if cfg.loss.pc is not None:
-        temperatures.append(f"loss.pc.tau_pc={cfg.loss.pc.tau_pc:g}")
-    return (f"likely causes: train.lr={cfg.train.lr:g} too high, {' or '.join(temperatures)} too low, "
-            "or the data")
+    lc = cfg.loss
+    scale = {"arcface": "s", "cosface": "s", "proxy_anchor": "alpha"}.get(lc.base)  # proxy losses: no tau
+    too_high = [f"train.lr={cfg.train.lr:g}"] + ([f"loss.{scale}={getattr(lc, scale):g}"] if scale else [])
+    temperatures = [] if scale else [f"loss.tau={lc.tau:g}"]
+    if lc.bct is not None:
+        temperatures.append(f"loss.bct.tau_bct={lc.bct.tau_bct:g}")
+    if lc.pc is not None:
+        temperatures.append(f"loss.pc.tau_pc={lc.pc.tau_pc:g}")
+    too_low = [f"{' or '.join(temperatures)} too low"] if temperatures else []
+    return f"likely causes: {', '.join([' or '.join(too_high) + ' too high', *too_low])}, or the data"

@@ -1,6 +1,7 @@
 """Config loading: defaults, YAML round trip, and a clear error naming the field for every bad case."""
 import dataclasses
 import os
+import re
 
 import pytest
 
@@ -77,6 +78,29 @@ def test_bad_values_name_the_field(raw, field):
     with pytest.raises(ConfigError) as e:
         config_from_dict(raw, source="my.yaml")
     assert field in str(e.value) and "my.yaml" in str(e.value)
+
+
+@pytest.mark.parametrize("loss, message", [
+    ({"base": "arc_face"}, "loss.base is unknown: 'arc_face'; known: info_nce, decomposable, arcface, cosface, "
+                           "proxy_anchor"),
+    ({"base": "arcface", "objective": "self_supervised"}, "loss.base arcface needs loss.objective: supervised"),
+    ({"base": "arcface", "m": 3.5}, "loss.m is invalid: ArcFace: m is an angle in radians and must be < pi"),
+    ({"base": "cosface", "m": -0.1}, "loss.m is invalid: CosFace: m must be >= 0"),
+    ({"base": "cosface", "s": 0}, "loss.s is invalid: CosFace: s must be > 0"),
+    ({"base": "proxy_anchor", "alpha": -1}, "loss.alpha is invalid: ProxyAnchor: alpha must be > 0"),
+    ({"base": "proxy_anchor", "delta": -0.5}, "loss.delta is invalid: ProxyAnchor: delta must be >= 0"),
+    ({"base": "proxy_anchor", "proxy_lr_mult": -1}, "loss.proxy_lr_mult must be >= 0"),
+])
+def test_bad_proxy_losses_name_the_field(loss, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        config_from_dict({"loss": loss}, source="my.yaml")
+
+
+def test_proxy_losses_defaults_follow_methods():
+    lc = config_from_dict({"loss": {"base": "proxy_anchor"}}).loss
+    assert (lc.s, lc.m, lc.alpha, lc.delta, lc.proxy_lr_mult) == (64.0, None, 32.0, 0.1, 100.0)
+    for base in ("arcface", "cosface"):  # m: null is each loss's own default; 4 is a fine CosFace margin
+        assert config_from_dict({"loss": {"base": base, "m": 0.2 if base == "arcface" else 4}}).loss.base == base
 
 
 def test_missing_file_and_bad_yaml(tmp_path):

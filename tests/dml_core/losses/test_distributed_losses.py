@@ -1,6 +1,7 @@
 """METHODS.md 1.2 through `DistributedLoss`: with 2 and 4 gloo processes under DDP, the averaged parameter
 gradient equals the single-process global-batch gradient, step after step, for every loss and their sums;
-the decomposable state is identical on every rank and equal to the single-process state."""
+the decomposable state and the class proxies (METHODS 2.1, their gradients averaged by `average_loss_grads`)
+are identical on every rank and equal to the single-process ones."""
 from __future__ import annotations
 
 import warnings
@@ -10,15 +11,18 @@ import pytest
 import torch
 from torch import nn
 
-from dml_core.distributed import is_distributed
-from dml_core.losses import BCT, TCM, DecomposableLoss, DistributedLoss, InfoNCE, OldEmbeddingTable, PositiveCongruent
+from dml_core.distributed import average_loss_grads, is_distributed
+from dml_core.losses import (BCT, TCM, ArcFace, CosFace, DecomposableLoss, DistributedLoss, InfoNCE, OldEmbeddingTable,
+                             PositiveCongruent, ProxyAnchor)
 from tests.conftest import run_gloo
 from tests.dml_core.losses.test_info_nce import assert_close_rel
 
 D_IN, D_OUT, NUM_SAMPLES, NUM_CLASSES, BATCH, STEPS = 5, 4, 20, 3, 8, 3
 KINDS = ["info_nce", "info_nce_tiled", "tcm", "decomposable", "decomposable_sampled", "bct", "info_nce+tcm",
          "decomposable+tcm", "info_nce+tcm+bct", "decomposable+tcm+bct", "decomposable_tiled+tcm_tiled",
-         "decomposable_tiled_seen", "pc", "info_nce+tcm+bct+pc"]
+         "decomposable_tiled_seen", "pc", "info_nce+tcm+bct+pc",
+         "arcface", "cosface", "proxy_anchor", "proxy_anchor+tcm", "arcface+tcm+bct"]
+PROXY_CLASSES = NUM_CLASSES + 1  # one proxy no batch has a positive for
 
 
 def _make_loss(kind: str) -> nn.Module:
@@ -35,6 +39,9 @@ def _make_loss(kind: str) -> nn.Module:
         "decomposable_tiled": lambda: DecomposableLoss(NUM_SAMPLES, tau=0.2, tile_size=3, tiled_above=0),
         "tcm_tiled": lambda: TCM(m_pos=0.5, m_neg=0.0, tile_size=3, tiled_above=0),
         "decomposable_tiled_seen": lambda: _seen(DecomposableLoss(NUM_SAMPLES, tau=0.2, tile_size=3, tiled_above=0)),
+        "arcface": lambda: ArcFace(PROXY_CLASSES, D_OUT, s=8.0, seed=1).double(),
+        "cosface": lambda: CosFace(PROXY_CLASSES, D_OUT, s=8.0, seed=2).double(),
+        "proxy_anchor": lambda: ProxyAnchor(PROXY_CLASSES, D_OUT, alpha=8.0, seed=3).double(),
     }
     loss = None
     for name in kind.split("+"):
@@ -77,14 +84,16 @@ def _train(rank: int, world_size: int, init_state: dict, kinds: list[str]) -> di
             model = nn.parallel.DistributedDataParallel(encoder) if is_distributed() else encoder
             inner = _make_loss(kind)
             loss_fn = DistributedLoss(inner)
-            opt = torch.optim.SGD(model.parameters(), lr=0.5)
+            opt = torch.optim.SGD([*model.parameters(), *inner.parameters()], lr=0.5)
             grads, values, stats = [], [], []
             for x, labels, ids in _batches():
                 part = slice(rank * BATCH // world_size, (rank + 1) * BATCH // world_size)
                 opt.zero_grad()
                 loss = loss_fn(model(x[part]), labels[part], ids[part])
                 loss.backward()
-                grads.append(torch.cat([encoder.weight.grad.flatten(), encoder.bias.grad]).numpy().copy())
+                average_loss_grads(inner)  # the proxies' gradients, as the training loop does
+                own = [p.grad.flatten() for p in inner.parameters()]
+                grads.append(torch.cat([encoder.weight.grad.flatten(), encoder.bias.grad, *own]).numpy().copy())
                 values.append(float(loss.detach()))
                 stats.append(dict(loss_fn.stats))
                 opt.step()
@@ -143,4 +152,8 @@ def test_single_process_reference_is_not_trivial(single_process):
     for got, want in zip(single["decomposable_tiled+tcm_tiled"]["grads"], single["decomposable+tcm"]["grads"]):
         assert_close_rel(torch.from_numpy(got), torch.from_numpy(want), 1e-10)  # the tiled path is exact
     assert all(0 < s["old_right"] < 1 for s in single["pc"]["stats"])  # both focal weights occur
+    for kind in ("arcface", "cosface", "proxy_anchor", "proxy_anchor+tcm", "arcface+tcm+bct"):
+        assert any(name.endswith("proxies") for name in single[kind]["state"]), kind  # saved with the loss
+        assert all(float(abs(g[-PROXY_CLASSES * D_OUT:]).max()) > 1e-3 for g in single[kind]["grads"]), kind
+    assert all(0 < s["proxies_with_positive"] < PROXY_CLASSES for s in single["proxy_anchor"]["stats"])
     assert single["future_warnings"] == []

@@ -81,3 +81,15 @@ def test_one_training_step_makes_at_most_two_gathers_and_no_object_collective(gl
         gathers = sum(n for name, n in counts.items() if "gather" in name)
         assert 1 <= gathers <= 2, counts
         assert not OBJECT_COLLECTIVES & counts.keys(), counts
+
+
+@pytest.mark.parametrize("loss, hint", [
+    ({"base": "arcface", "s": 30}, "likely causes: train.lr=0.001 or loss.s=30 too high, or the data"),
+    ({"base": "proxy_anchor", "bct": {"old_checkpoint": "/old"}},
+     "likely causes: train.lr=0.001 or loss.alpha=32 too high, loss.bct.tau_bct=0.05 too low, or the data"),
+])
+def test_the_nan_hint_of_a_proxy_loss_names_its_scale_not_tau(loss, hint):
+    from dml_core.config import config_from_dict
+    from dml_core.training.step import nan_suspects
+
+    assert nan_suspects(config_from_dict({"loss": loss})) == hint
