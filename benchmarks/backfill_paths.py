@@ -20,6 +20,7 @@ Writes benchmarks/results/backfill_paths.json and .md.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -35,6 +36,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from dml_core.config import TransformationSection, config_from_dict  # noqa: E402
+from dml_core.data.sources.base import ItemRef, Source, sha256_json  # noqa: E402
 from dml_core.metrics.backfill_curve import ORDERS, backfill_curve, backfill_order  # noqa: E402
 from dml_core.metrics.retrieval import evaluate_retrieval  # noqa: E402
 from dml_core.training.embed import embed_split, load_checkpoint_model  # noqa: E402
@@ -45,7 +47,10 @@ RESULTS = os.path.join(REPO, "benchmarks", "results")
 METRICS = ("map_at_r", "recall_at_1")
 SETTINGS = ("old/old", "new/old", "new/h(old)", "new/h(old,side)", "new/new", "side/side")
 TRANSFORMED = ("new/h(old)", "new/h(old,side)")
+# open: the held-out classes (eval split, leave-one-out); closed: held-out images of the training classes
+EVAL_SETS = {"open": "held-out classes", "closed": "held-out images of the training classes (FCT's setting)"}
 THREADS = 2
+SHARD_SEED = 1
 # lambda_c 0: FastFill's point-to-cluster term pulls h(old) towards the training classes' prototypes, which the
 # held-out classes evaluated here are not (a one-seed probe with a weaker old and new: new/h(old,side) MAP@R
 # 0.364 with lambda_c 1, 0.455 with 0).
@@ -53,29 +58,63 @@ FULL = {"max_classes": 200, "image_size": 24, "eval_class_fraction": 0.3,
         "old_classes": 70, "old_steps": 300, "old_widths": [16, 32, 64],
         "new_steps": 600, "new_widths": [32, 64, 128], "new_batch": 128,
         "side_steps": 600, "side_widths": [32, 64], "side_dim": 32,
-        "h_steps": 1500, "h_batch": 256, "branch_width": 128, "trunk_width": 512, "lambda_c": 0.0}
+        "h_steps": 1500, "h_batch": 256, "branch_width": 128, "trunk_width": 512, "lambda_c": 0.0,
+        "closed_fraction": 0.2}
 QUICK = {**FULL, "max_classes": 40, "image_size": 16, "eval_class_fraction": 0.4, "old_classes": 16,
          "old_steps": 20, "new_steps": 30, "new_batch": 64, "side_steps": 10, "h_steps": 40, "h_batch": 128,
          "branch_width": 32, "trunk_width": 64}
 
 
+class Subset(Source):
+    """Some items of a source; with `split`, all of them in that split (the closed-set evaluation set)."""
+    kind = "subset"
+
+    def __init__(self, source: Source, refs: set[str], split: str | None = None) -> None:
+        self.source, self.refs, self.split = source, refs, split
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "of": self.source.describe(), "items": len(self.refs), "split": self.split}
+
+    def list_items(self) -> list[ItemRef]:
+        return [dataclasses.replace(i, split=self.split) for i in self.source.list_items() if i.ref in self.refs]
+
+    def load(self, item: ItemRef):
+        return self.source.load(item)
+
+    def fingerprint(self) -> str:
+        return sha256_json([self.source.fingerprint(), sorted(self.refs), self.split])
+
+
 def shard(work: str, s: dict) -> dict:
+    """Two datasets of one glyph source: "glyphs-many" (training classes / held-out classes in eval and gallery)
+    without `closed_fraction` of each training class's images, and "glyphs-closed", those images (FCT's
+    setting: classes the new model trained on, images no model or h saw) in its eval split."""
     from dml_core.data.sharding import shard_dataset
     from dml_core.data.sources import FontGlyphSource
+    from dml_core.data.splits import split_classes
     from dml_core.metrics.floor import pixel_floor
 
     t = time.perf_counter()
     src = FontGlyphSource(image_size=s["image_size"], variant="many", max_classes=s["max_classes"],
                           render_workers=THREADS)
-    m = shard_dataset(src, work, "glyphs-many", seed=1, eval_class_fraction=s["eval_class_fraction"],
-                      gallery_fraction=0.5, max_shard_samples=5000)
+    items = src.list_items()
+    train_classes = set(split_classes([i.class_name for i in items], s["eval_class_fraction"], SHARD_SEED)[0])
+    rng = np.random.default_rng(SHARD_SEED)
+    closed = {i.ref for i in items if i.class_name in train_classes and rng.random() < s["closed_fraction"]}
+    m = shard_dataset(Subset(src, {i.ref for i in items} - closed), work, "glyphs-many", seed=SHARD_SEED,
+                      eval_class_fraction=s["eval_class_fraction"], gallery_fraction=0.5, max_shard_samples=5000)
+    mc = shard_dataset(Subset(src, closed, split="eval"), work, "glyphs-closed", seed=SHARD_SEED,
+                       max_shard_samples=5000)
     seconds = time.perf_counter() - t
-    floor = pixel_floor(m, "eval", image_size=s["image_size"], channels=1, ks=(1,), cache=False)
+    floors = {name: pixel_floor(man, "eval", image_size=s["image_size"], channels=1, ks=(1,), cache=False)
+              for name, man in (("open", m), ("closed", mc))}
     info = {"name": m.name, "version": m.version, "classes": m.num_classes, "train_classes": m.num_train_classes,
-            "held_out_classes": m.num_classes - m.num_train_classes,
-            "split_images": {k: v.count for k, v in m.splits.items()}, "shard_seconds": round(seconds, 1)}
-    return {"manifest": m, "root": work, "info": info,
-            "floor": {"map_at_r": floor["map_at_r"], "recall_at_1": floor["recall_at_k"]["1"]}}
+            "held_out_classes": m.num_classes - m.num_train_classes, "closed_classes": mc.num_classes,
+            "split_images": {**{k: v.count for k, v in m.splits.items()}, "closed": mc.splits["eval"].count},
+            "shard_seconds": round(seconds, 1)}
+    return {"manifest": m, "closed": mc, "root": work, "info": info,
+            "floor": {name: {"map_at_r": f["map_at_r"], "recall_at_1": f["recall_at_k"]["1"]}
+                      for name, f in floors.items()}}
 
 
 def model_config(dataset: dict, name: str, seed: int, steps: int, model: dict, batch: int = 64,
@@ -118,19 +157,18 @@ def train_models(data: dict, s: dict, seed: int) -> tuple[dict, dict]:
     return models, seconds
 
 
-def embed_all(models: dict, manifest, splits: dict) -> dict:
-    """{split: {model name: z, "labels": .., "ids": ..}} for `splits` {split: model names}, rows in the same
-    (reader) order for every model."""
+def embed_all(models: dict, sets: dict) -> dict:
+    """{set: {model name: z, "labels": .., "ids": ..}} for `sets` {set: (manifest, split, model names)}, rows in
+    the same (reader) order for every model."""
     out = {}
-    for split, names in splits.items():
+    for key, (manifest, split, names) in sets.items():
         row = {}
         for name in names:
-            model = models[name]
-            z, labels, ids = embed_split(model, manifest, split, batch_size=512)
+            z, labels, ids = embed_split(models[name], manifest, split, batch_size=512)
             if "ids" in row and not torch.equal(row["ids"], ids):
-                raise RuntimeError(f"{split}: models embedded the items in different orders")
+                raise RuntimeError(f"{key}: models embedded the items in different orders")
             row.update({name: z, "labels": labels, "ids": ids})
-        out[split] = row
+        out[key] = row
     return out
 
 
@@ -161,8 +199,10 @@ def one_seed(data: dict, s: dict, seed: int, work: str, measure_cost: bool) -> d
     t0 = time.perf_counter()
     models, seconds = train_models(data, s, seed)
     t = time.perf_counter()
-    splits = {"train": models, "eval": models, **({"gallery": ("old", "side")} if measure_cost else {})}
-    emb = embed_all(models, data["manifest"], splits)
+    m = data["manifest"]
+    sets = {"train": (m, "train", models), "open": (m, "eval", models), "closed": (data["closed"], "eval", models),
+            **({"gallery": (m, "gallery", ("old", "side"))} if measure_cost else {})}
+    emb = embed_all(models, sets)
     seconds["embed"] = round(time.perf_counter() - t, 1)
     hs, h_info = {}, {}
     for key in ("plain", "side"):
@@ -170,13 +210,14 @@ def one_seed(data: dict, s: dict, seed: int, work: str, measure_cost: bool) -> d
         hs[key], h_info[key] = train_h(emb, s, seed, work, side=key == "side")
         seconds[f"train_h_{key}"] = round(time.perf_counter() - t, 1)
     t = time.perf_counter()
-    out = {"seed": seed, **evaluate(emb["eval"], hs, seed), "h": h_info}
+    out = {"seed": seed, **{key: evaluate(emb[key], hs, seed) for key in EVAL_SETS}, "h": h_info}
     seconds["evaluate"] = round(time.perf_counter() - t, 1)
     if measure_cost:
         out["cost"] = cost(hs, models["new"], emb["gallery"], data["manifest"])
     seconds["total"] = round(time.perf_counter() - t0, 1)
     out["seconds"] = seconds
-    print(json.dumps({k: v for k, v in out.items() if k != "curves"}), flush=True)
+    print(json.dumps({k: ({x: y for x, y in v.items() if x != "curves"} if k in EVAL_SETS else v)
+                      for k, v in out.items()}), flush=True)
     return out
 
 
@@ -224,29 +265,43 @@ def cost(hs: dict, new_model, gallery: dict, manifest) -> dict:
 
 
 def summarise(seeds: list[dict], floor: dict, info: dict) -> dict:
+    out = {key: summarise_set([r[key] for r in seeds]) for key in EVAL_SETS}
+    new_new = {key: out[key]["metrics_mean"]["new/new"]["map_at_r"] for key in EVAL_SETS}
+    closed, open_ = out["closed"], out["open"]
+    out["checks"] = {
+        "held-out classes >= 60": info["held_out_classes"] >= 60,
+        "M(new,new) MAP@R <= 0.9 on both sets (room to move)": max(new_new.values()) <= 0.9,
+        "M(old,old) above the floor (MAP@R) on both sets": all(
+            r[key]["metrics"]["old/old"]["map_at_r"] > floor[key]["map_at_r"] for r in seeds for key in EVAL_SETS)}
+    out["goals"] = {
+        "gap closed >= 80% (MAP@R, side-info h, mean), held-out images of training classes":
+            closed["gap_closed_mean"]["new/h(old,side)"]["map_at_r"] >= 0.8,
+        "gap closed >= 80% (MAP@R, side-info h, mean), held-out classes":
+            open_["gap_closed_mean"]["new/h(old,side)"]["map_at_r"] >= 0.8,
+        "uncertainty area > random area (mean, both sets)":
+            min(out[key]["uncertainty_minus_random"]["mean"] for key in EVAL_SETS) > 0,
+        "transform / re-embed >= 20x": seeds[0]["cost"]["ratio_side"] >= 20}
+    return out
+
+
+def summarise_set(seeds: list[dict]) -> dict:
+    """Means over the seeds of one evaluation set's results; the paired uncertainty - random areas."""
     mean = lambda xs: float(np.mean(xs))  # noqa: E731
     diffs = [r["uncertainty_minus_random"] for r in seeds]
     gap = {name: {k: mean([r["gap_closed"][name][k] for r in seeds if r["gap_closed"][name][k] is not None])
                   for k in METRICS} for name in TRANSFORMED}
-    new_new = mean([r["metrics"]["new/new"]["map_at_r"] for r in seeds])
     return {
         "metrics_mean": {name: {k: mean([r["metrics"][name][k] for r in seeds]) for k in METRICS} for name in SETTINGS},
         "gap_closed_mean": gap,
         "curve_mean": {kind: mean([r["curves"][kind]["area"] for r in seeds]) for kind in ORDERS},
         "uncertainty_minus_random": {"mean": mean(diffs), "min": min(diffs), "max": max(diffs),
                                      "seeds_positive": sum(d > 0 for d in diffs), "seeds": len(diffs)},
-        "checks": {"held-out classes >= 60": info["held_out_classes"] >= 60,
-                   "M(new,new) MAP@R <= 0.9 (room to move)": new_new <= 0.9,
-                   "M(old,old) above the floor (MAP@R)": all(r["metrics"]["old/old"]["map_at_r"] > floor["map_at_r"]
-                                                            for r in seeds)},
-        "goals": {"gap closed >= 80% (MAP@R, side-info h, mean)": gap["new/h(old,side)"]["map_at_r"] >= 0.8,
-                  "uncertainty area > random area (mean)": mean(diffs) > 0,
-                  "transform / re-embed >= 20x": seeds[0]["cost"]["ratio_side"] >= 20},
     }
 
 
 def markdown(res: dict) -> str:
-    return "\n".join([*_md_header(res), *_md_retrieval(res), *_md_curves(res), *_md_cost(res)]) + "\n"
+    per_set = [line for key in EVAL_SETS for line in (*_md_retrieval(res, key), *_md_curves(res, key))]
+    return "\n".join([*_md_header(res), *per_set, *_md_cost(res)]) + "\n"
 
 
 def _md_header(res: dict) -> list[str]:
@@ -257,9 +312,11 @@ def _md_header(res: dict) -> list[str]:
             f"{res['load_before']}, after {res['load_after']}; wall {res['total_seconds']:.0f} s, process CPU "
             f"{res['cpu_seconds']:.0f} s.", "",
             f"Data: font_glyphs many, first {s['max_classes']} code points at {s['image_size']} px: {info['classes']} "
-            f"classes ({info['train_classes']} training, {info['held_out_classes']} held out); eval split "
-            f"{info['split_images']['eval']} images of the held-out classes (every metric: leave-one-out on it), "
-            f"gallery split {info['split_images']['gallery']} (cost only). "
+            f"classes ({info['train_classes']} training, {info['held_out_classes']} held out). Two evaluation sets, "
+            f"every metric leave-one-out on it: the eval split, {info['split_images']['eval']} images of the "
+            f"held-out classes; and {info['split_images']['closed']} images of the {info['closed_classes']} training "
+            f"classes ({100 * s['closed_fraction']:.0f}% of each, drawn before sharding) that no model and no h "
+            f"trained on, FCT's setting. Gallery split {info['split_images']['gallery']} (cost only). "
             f"Models (small_cnn, in-process `fit`, InfoNCE tau 0.1): old {s['old_widths']} 64-d, first "
             f"{s['old_classes']} training classes, {s['old_steps']} steps of 64; new {s['new_widths']} 64-d, all "
             f"training classes, {s['new_steps']} steps of {s['new_batch']}; side {s['side_widths']} {s['side_dim']}-d, "
@@ -269,35 +326,38 @@ def _md_header(res: dict) -> list[str]:
             "and batch order, h's seed and the random order.", ""]
 
 
-def _md_retrieval(res: dict) -> list[str]:
-    floor, summ = res["floor"], res["summary"]
+def _md_retrieval(res: dict, key: str) -> list[str]:
+    floor, summ, seeds = res["floor"][key], res["summary"][key], [{"seed": r["seed"], **r[key]} for r in res["seeds"]]
     fl = f"{floor['map_at_r']:.4f} / {floor['recall_at_1']:.4f}"
     pct = lambda v: "-" if v is None else f"{100 * v:.1f}%"  # noqa: E731
     both = lambda m: f"{m['map_at_r']:.4f} / {m['recall_at_1']:.4f}"  # noqa: E731
-    lines = ["## Retrieval on the held-out classes, MAP@R / Recall@1 (query model / gallery)", "",
+    lines = [f"## Retrieval on the {EVAL_SETS[key]}, MAP@R / Recall@1 (query model / gallery)", "",
              "| seed | floor (raw pixels) | " + " | ".join(SETTINGS) + " |", "|---|---:|" + "---:|" * len(SETTINGS)]
     lines += [f"| {r['seed']} | {fl} | " + " | ".join(both(r["metrics"][n]) for n in SETTINGS) + " |"
-              for r in res["seeds"]]
+              for r in seeds]
     lines += [f"| mean | {fl} | " + " | ".join(both(summ["metrics_mean"][n]) for n in SETTINGS) + " |", "",
               "## Gap closed = (M(new,h) - M(old,old)) / (M(new,new) - M(old,old))", "",
               "| seed | floor MAP@R / R@1 | h(old): MAP@R | R@1 | h(old,side): MAP@R | R@1 | "
               "h train MSE plain / side |",
               "|---|---:|---:|---:|---:|---:|---:|"]
-    for r in [*res["seeds"], {"seed": "mean", "gap_closed": summ["gap_closed_mean"]}]:
+    for r in [*seeds, {"seed": "mean", "gap_closed": summ["gap_closed_mean"]}]:
         g = r["gap_closed"]
-        mse = f"{r['h']['plain']['mse_train']} / {r['h']['side']['mse_train']}" if "h" in r else ""
+        h = next((x["h"] for x in res["seeds"] if x["seed"] == r["seed"]), None)
+        mse = f"{h['plain']['mse_train']} / {h['side']['mse_train']}" if h else ""
         lines.append(f"| {r['seed']} | {fl} | " + " | ".join(pct(g[n][k]) for n in TRANSFORMED for k in METRICS)
                      + f" | {mse} |")
     return lines + [""]
 
 
-def _md_curves(res: dict) -> list[str]:
-    floor, summ = res["floor"]["map_at_r"], res["summary"]
-    lines = ["## Backfill curve of the side-info h (MAP@R); area = mean of the 21 points", "",
+def _md_curves(res: dict, key: str) -> list[str]:
+    floor, summ = res["floor"][key]["map_at_r"], res["summary"][key]
+    seeds = [{"seed": r["seed"], **r[key]} for r in res["seeds"]]
+    lines = [f"## Backfill curve of the side-info h on the {EVAL_SETS[key]} (MAP@R); area = mean of the 21 points",
+             "",
              "| seed | floor MAP@R | random | uncertainty | oracle | uncertainty - random | "
              "Spearman(s, h-new distance) |",
              "|---|---:|---:|---:|---:|---:|---:|"]
-    for r in res["seeds"]:
+    for r in seeds:
         a = {k: r["curves"][k]["area"] for k in ORDERS}
         lines.append(f"| {r['seed']} | {floor:.4f} | {a['random']:.4f} | {a['uncertainty']:.4f} | {a['oracle']:.4f} | "
                      f"{r['uncertainty_minus_random']:+.4f} | {r['log_var_distance_spearman']:.3f} |")
@@ -309,14 +369,14 @@ def _md_curves(res: dict) -> list[str]:
               "new embeddings it would save computing: an upper reference only.", "",
               "Curve points, mean over the seeds (f: share of the gallery re-embedded with the new model):", "",
               "| f | floor | random | uncertainty | oracle |", "|---:|---:|---:|---:|---:|"]
-    for j, f in enumerate(res["seeds"][0]["curves"]["random"]["fractions"]):
-        v = {k: np.mean([r["curves"][k]["values"][j] for r in res["seeds"]]) for k in ORDERS}
+    for j, f in enumerate(seeds[0]["curves"]["random"]["fractions"]):
+        v = {k: np.mean([r["curves"][k]["values"][j] for r in seeds]) for k in ORDERS}
         lines.append(f"| {f:.2f} | {floor:.4f} | {v['random']:.4f} | {v['uncertainty']:.4f} | {v['oracle']:.4f} |")
     return lines + [""]
 
 
 def _md_cost(res: dict) -> list[str]:
-    c, floor, summ = res["seeds"][0]["cost"], res["floor"]["map_at_r"], res["summary"]
+    c, floor, summ = res["seeds"][0]["cost"], res["floor"]["open"]["map_at_r"], res["summary"]
     return [f"## Cost (seed {res['seeds'][0]['seed']}, one run, {c['torch_threads']} torch threads, one process)", "",
             "| path | items/s | vs re-embedding | floor MAP@R |", "|---|---:|---:|---:|",
             f"| re-embed the gallery split's {c['gallery_items']} images with new (read, decode, forward) | "

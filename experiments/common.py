@@ -80,7 +80,12 @@ def mean_std(xs) -> dict:
 
 
 def cell(ms: dict, digits: int = 4) -> str:
-    return "-" if ms["mean"] is None else f"{ms['mean']:.{digits}f} ± {ms['std']:.{digits}f}"
+    """mean ± std; a single value (n = 1) has no spread to show, so it reads "value (n=1)", never "± 0"."""
+    if ms["mean"] is None:
+        return "-"
+    if ms.get("n") == 1:
+        return f"{ms['mean']:.{digits}f} (n=1)"
+    return f"{ms['mean']:.{digits}f} ± {ms['std']:.{digits}f}"
 
 
 def table(headers: list[str], rows: list[list[str]]) -> str:
