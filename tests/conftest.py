@@ -70,6 +70,17 @@ def run_gloo(fn, world_size: int, *args, timeout: float = 240.0):
 
 
 @pytest.fixture
+def one_torch_thread():
+    """torch single-threaded during the test (as the query service searches), restored after."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def gloo():
     """The `run_gloo` launcher as a fixture."""
     return run_gloo

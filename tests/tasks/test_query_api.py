@@ -16,7 +16,8 @@ from dml_core.gallery.serving import served_by
 from tests.conftest import free_port
 from tests.dml_core.gallery._served_gallery import build_served_files
 
-pytestmark = pytest.mark.slow
+# the reference searches single-threaded, as the service's replicas do
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 TIMEOUT = 120  # seconds for any one wait on the service
 
 
@@ -37,15 +38,6 @@ def service(tmp_path_factory, ray_local):
         yield {"url": f"http://127.0.0.1:{port}", "files": files, "registry": registry}
     finally:
         stop_api()
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The reference searches single-threaded, as the service's replicas do."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def encoded(paths: list[str]) -> list[str]:

@@ -13,19 +13,13 @@ from dml_core.gallery.registry import ModelRef
 from dml_core.gallery.serving import QueryError, ServedGallery, served_by
 from tests.dml_core.gallery._served_gallery import build_served_files
 
+# searches single-threaded here as in the service, so near-tied distances of untrained models rank alike
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     return build_served_files(tmp_path_factory.mktemp("served"))
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Searches single-threaded here as in the service, so near-tied distances of untrained models rank alike."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def brute_force(entry, images, k):
