@@ -21,7 +21,8 @@ from ray import serve
 
 from dml_core import storage
 from dml_core.config import Config
-from dml_core.gallery.registry import Registry, RegistryError
+from dml_core.gallery.query import served_entry
+from dml_core.gallery.registry import Registry
 from dml_core.gallery.serving import QueryError, ServedGallery, answer, single_threaded
 
 APP_NAME = "dml-query"
@@ -72,9 +73,7 @@ class QueryService:
 
 
 def check_served(cfg: Config, gallery: str) -> None:
-    registry = Registry(cfg.run.root)
-    if registry.gallery(gallery) is None:
-        raise RegistryError(f"gallery {gallery!r} is not served: nothing registered in {registry.url}")
+    served_entry(Registry(cfg.run.root), gallery)
 
 
 def start_api(cfg: Config, gallery: str, host: str = "127.0.0.1", port: int = 8000, poll_seconds: float = 2.0,

@@ -28,6 +28,14 @@ class QueryResult:
                 for i, image in enumerate(images)]
 
 
+def served_entry(registry: Registry, gallery: str) -> GalleryEntry:
+    """The registry's entry of `gallery`; RegistryError when nothing serves it."""
+    entry = registry.gallery(gallery)
+    if entry is None:
+        raise RegistryError(f"gallery {gallery!r} is not served: nothing registered in {registry.url}")
+    return entry
+
+
 class ItemLabels:
     """Label and class name of every gallery item, looked up by id (sorted ids, no dict of boxed ints)."""
 
@@ -79,9 +87,7 @@ class GalleryQuery:
         from dml_core.gallery.index import GalleryIndex
         from dml_core.training.embed import load_checkpoint_model
 
-        entry = entry or registry.gallery(gallery)
-        if entry is None:
-            raise RegistryError(f"gallery {gallery!r} is not served: nothing registered in {registry.url}")
+        entry = entry or served_entry(registry, gallery)
         self.gallery, self.entry, self.device = gallery, entry, device
         self.model = load_checkpoint_model(entry.query_model.checkpoint).to(device)
         directory, name = entry.index.rsplit("/", 1)
