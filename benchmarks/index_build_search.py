@@ -9,14 +9,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import resource
 import sys
 import time
 from pathlib import Path
 
 from eval_scale import make_data, run_child
+from report import report_header, save_report
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -109,17 +108,10 @@ def main():
         Path(args.child_out).write_text(json.dumps(child(args.child, args)))
         return
     argv = sys.argv[1:]
-    report = {"command": " ".join(["python", "benchmarks/index_build_search.py", *argv]),
-              "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
-              "load_before": [round(x, 2) for x in os.getloadavg()], "note": args.note,
-              "args": {k: v for k, v in vars(args).items() if not k.startswith("child") and k not in ("note", "out")}}
+    report = report_header("index_build_search.py", argv, args.note,
+                           {k: v for k, v in vars(args).items() if not k.startswith("child") and k not in ("note", "out")})
     report["sizes"] = [run_child(str(n), argv, __file__) for n in args.sizes]
-    report["load_after"] = [round(x, 2) for x in os.getloadavg()]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{NAME}.json").write_text(json.dumps(report, indent=2))
-    (out / f"{NAME}.md").write_text(markdown(report))
-    print(markdown(report))
+    save_report(args.out, NAME, report, markdown)
 
 
 if __name__ == "__main__":

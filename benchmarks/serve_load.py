@@ -21,7 +21,6 @@ import hashlib
 import io
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -32,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from eval_scale import make_data
+from report import report_header, save_report
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -314,17 +314,10 @@ def main():
     p.add_argument("--note", default="", help="a sentence added under the tables")
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args()
-    report = {"command": " ".join(["python", "benchmarks/serve_load.py", *sys.argv[1:]]),
-              "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
-              "load_before": [round(x, 2) for x in os.getloadavg()], "note": args.note,
-              "args": {k: v for k, v in vars(args).items() if k not in ("note", "out")}}
+    report = report_header("serve_load.py", sys.argv[1:], args.note,
+                           {k: v for k, v in vars(args).items() if k not in ("note", "out")})
     report.update(run(args))
-    report["load_after"] = [round(x, 2) for x in os.getloadavg()]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{NAME}.json").write_text(json.dumps(report, indent=2))
-    (out / f"{NAME}.md").write_text(markdown(report))
-    print(markdown(report))
+    save_report(args.out, NAME, report, markdown)
 
 
 if __name__ == "__main__":
